@@ -1,0 +1,43 @@
+"""`phitune` command line: each subcommand lives in phitune.commands.<name>.
+
+A command module exposes `register(subparsers)`, which adds its parser and sets
+`func(args) -> int` as the default; the return value is the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "deployments", "deploy", "undeploy"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phitune", description="Fine-tune, sweep, compare, promote and serve small chat models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"phitune.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"phitune.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
