@@ -1,0 +1,77 @@
+"""The MLflow model a run logs: a pyfunc chat model = base reference + adapter.
+
+Artifacts: `base.json` (how to get the base: Hub id, local path or phitune's
+builtin tiny model) and `adapter/` (peft adapter, safetensors; or a full model
+folder for train.method=full). `mlflow.pyfunc.load_model` and
+`mlflow models serve --env-manager local` both load it through load_context.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import ChatModel
+from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, ChatParams, TokenUsageStats
+
+
+class PhituneChatModel(ChatModel):
+    def load_context(self, context):
+        from phitune.modeling.generate import ChatGenerator
+        from phitune.modeling.loader import load_for_inference
+
+        base = json.loads(Path(context.artifacts["base"]).read_text())
+        adapter = context.artifacts.get("adapter")
+        model, tokenizer = load_for_inference(base, adapter)
+        self.name = base.get("served_name") or base.get("name") or "phitune"
+        self.generator = ChatGenerator(model, tokenizer, int(base.get("context_length") or 4096))
+
+    def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
+        msgs = [{"role": m.role, "content": m.content or ""} for m in messages]
+        out = self.generator.generate(
+            msgs,
+            max_tokens=params.max_tokens or 256,
+            temperature=1.0 if params.temperature is None else params.temperature,
+            top_p=1.0 if params.top_p is None else params.top_p,
+            stop=params.stop,
+            seed=getattr(params, "seed", None),
+        )
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            created=int(time.time()),
+            model=self.name,
+            choices=[ChatChoice(index=0, message=ChatMessage(role="assistant", content=out["text"]),
+                                finish_reason=out["finish_reason"])],
+            usage=TokenUsageStats(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
+                                  total_tokens=out["prompt_tokens"] + out["completion_tokens"]),
+        )
+
+
+def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model"):
+    """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_file = Path(tmp) / "base.json"
+        base_file.write_text(json.dumps(base_ref, indent=2))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=PhituneChatModel(),
+            artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
+            # Explicit requirements: inferring them imports and times the whole env (slow).
+            pip_requirements=_requirements(),
+        )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "transformers", "peft", "safetensors", "tokenizers", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return reqs

@@ -1,0 +1,166 @@
+"""One Hydra job = one MLflow run, which always ends FINISHED, FAILED or KILLED.
+
+The run is ended in __exit__ whatever happens: success -> FINISHED; Ctrl-C or SIGTERM
+-> KILLED; any other exception -> FAILED with the error as a tag. Nothing is left
+RUNNING except by SIGKILL, which no process can catch.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from phitune.tracking import redact
+from phitune.train.loop import Callback
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so the run ends KILLED like on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """`sqlite:///mlruns/mlflow.db` -> `<abs>/mlruns/artifacts` (artifacts beside the db)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return (db.parent.resolve() / "artifacts").as_uri()
+
+
+def setup_tracking(tracking_cfg) -> str:
+    """Point MLflow at the store and return the experiment id (created if needed)."""
+    mlflow.set_tracking_uri(tracking_cfg.uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(tracking_cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    root = tracking_cfg.get("artifact_root") or sqlite_artifact_root(tracking_cfg.uri)
+    location = f"{root.rstrip('/')}/{tracking_cfg.experiment}" if root else None
+    try:
+        return client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        return client.get_experiment_by_name(tracking_cfg.experiment).experiment_id  # created concurrently
+
+
+def flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class TrackedRun(Callback):
+    def __init__(self, tracking_cfg, run_name: str | None = None, resume_run_id: str | None = None, tags: dict | None = None):
+        self.cfg = tracking_cfg
+        self.run_name = run_name
+        self.resume_run_id = resume_run_id
+        self.tags = dict(tags or {})
+        self.run_id: str | None = None
+        self.status: str | None = None
+        self._prev_handler = None
+        self._secrets = redact.secret_values()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> "TrackedRun":
+        azure = _azure_context()
+        if azure:  # inside an Azure ML job: log into the run Azure already opened
+            mlflow.set_tracking_uri(azure["tracking_uri"])
+            run = mlflow.start_run(run_id=azure["run_id"])
+        else:
+            exp_id = setup_tracking(self.cfg)
+            tags = {k: str(v) for k, v in self.tags.items()}
+            if self.cfg.get("parent_run_id"):
+                tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+            if self.resume_run_id:
+                run = mlflow.start_run(run_id=self.resume_run_id)
+                mlflow.set_tags(tags)
+            else:
+                run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name or self.cfg.get("run_name"), tags=tags)
+        self.run_id = run.info.run_id
+        try:
+            self._prev_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (e.g. some launchers): no handler, still ended in __exit__
+            self._prev_handler = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        elif _is_pruned(exc):
+            status = "FINISHED"  # a pruned trial did what the sweep asked; tagged below
+            mlflow.set_tag("phitune.trial_state", "pruned")
+        else:
+            status = "FAILED"
+            mlflow.set_tag("phitune.error", redact.redact_text(f"{exc_type.__name__}: {exc}", self._secrets)[:5000])
+        self.status = status
+        mlflow.end_run(status=status)
+        return False
+
+    # -- logging -----------------------------------------------------------------------
+    def log_params(self, params: dict) -> None:
+        clean = redact.redact_mapping(params, self._secrets)
+        items = [(k, "" if v is None else str(v)[:6000]) for k, v in clean.items()]
+        client = MlflowClient()
+        existing = client.get_run(self.run_id).data.params
+        items = [(k, v) for k, v in items if k not in existing]  # resumed run: params already there
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        mlflow.log_text(redact.redact_text(text, self._secrets), artifact_file)
+
+    def set_tags(self, tags: dict) -> None:
+        mlflow.set_tags({k: redact.redact_text(str(v), self._secrets) for k, v in tags.items()})
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "train_tokens")
+        mlflow.log_metrics({k: float(metrics[k]) for k in keys if k in metrics}, step=step)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict, checkpoint_dir) -> None:
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            mlflow.log_metric("epoch", epoch, step=step)
+        if checkpoint_dir is not None:
+            # Each kept epoch is a deployable candidate, as Azure's and OpenAI's checkpoints are.
+            mlflow.log_artifacts(str(Path(checkpoint_dir) / "adapter"), f"checkpoints/epoch-{epoch:03d}")
+            mlflow.log_text(json.dumps(dict(metrics, epoch=epoch, step=step)), f"checkpoints/epoch-{epoch:03d}/metrics.json")
+
+    def log_files(self, writer, name: str, artifact_dir: str | None = None) -> None:
+        """writer(path) writes a file named `name` in a temp dir; it is logged as an artifact."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            writer(path)
+            mlflow.log_artifact(str(path), artifact_dir)
+
+
+def _is_pruned(exc) -> bool:
+    try:
+        import optuna
+
+        return isinstance(exc, optuna.TrialPruned)
+    except ImportError:
+        return False
+
+
+def _azure_context():
+    try:
+        from phitune.azure.env import azure_run_context
+    except ImportError:
+        return None
+    return azure_run_context()
