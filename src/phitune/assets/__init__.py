@@ -1,0 +1,1 @@
+"""Data files shipped with phitune (the tiny tokenizer corpus)."""
