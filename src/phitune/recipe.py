@@ -86,7 +86,20 @@ def _prepare_output_dir(cfg, out: Path, resume: bool):
     return latest
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for phitune's own progress: no per-shard bars or known-noise warnings."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def run(cfg, overrides: list[str] | None = None):
+    _quiet_libraries()
     if cfg.backend.name != "local":
         from phitune.azure.submit import submit
 

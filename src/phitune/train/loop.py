@@ -136,7 +136,7 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                         loss = c * (w * plan.world_size / max(1, step_tokens))
                         loss.backward()
                     if w:
-                        ce_sum, correct = ce_sum + float(c), correct + float(k)
+                        ce_sum, correct = ce_sum + float(c.detach()), correct + float(k)
                         seen += int(batch["input_ids"].numel())
                 if spec.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], spec.max_grad_norm)
