@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from test_train_run import REPO, run_overrides
+from test_train_run import REPO, run_overrides, small_data  # noqa: F401 (fixture)
 
 
 def test_torchrun_two_processes_match_one(tmp_path, small_data):
