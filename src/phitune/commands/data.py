@@ -61,7 +61,8 @@ def token_counter_for(model: str):
     try:
         tokenizer = load_tokenizer(model_cfg)
     except Exception as exc:  # offline Hub model, missing folder, broken files: all the same to the user
-        detail = " ".join(str(exc).split())[:200]
+        detail = " ".join(str(exc).split())  # one line
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
         _note(f"no token counts: cannot load the tokenizer of model {model!r} ({type(exc).__name__}: {detail})")
         return None, context_length
 
