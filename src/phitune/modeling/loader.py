@@ -16,7 +16,8 @@ from phitune.errors import PhituneError
 BUILTINS = ("tiny-phi3",)
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Keys of base_reference(): enough to rebuild the base model for inference.
-_REF_KEYS = ("name", "builtin", "hub_id", "path", "revision", "torch_dtype", "attn_implementation", "trust_remote_code")
+_REF_KEYS = ("name", "builtin", "hub_id", "path", "revision", "torch_dtype", "attn_implementation",
+             "trust_remote_code", "context_length")
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:

@@ -1,0 +1,86 @@
+"""Batches: padding-free packing (training) and classic padding, plus the seeded batch plan.
+
+Packing puts a micro-batch's examples end to end in ONE row, with position_ids
+restarting at 0 for each example and no attention_mask. transformers
+(masking_utils.find_packed_sequence_indices, used by create_causal_mask for the
+sdpa, eager and flex paths) reads a position that does not follow its
+predecessor by +1 as the start of a new sequence and builds a block-diagonal
+causal mask, so no example attends to another. It only does so when the forward
+pass gets attention_mask=None and no KV cache: call the model with
+`use_cache=False` (phitune's load_model also sets config.use_cache=False).
+
+No compute is spent on padding, and the loss is the mean over the labelled tokens
+of the whole micro-batch, exactly as for the padded batch of the same examples
+(tests/test_encode_pack.py checks losses and logits against padding).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from phitune.data.encode import IGNORE_INDEX, Encoded
+
+
+def _check(batch: Sequence[Encoded]) -> None:
+    if not batch:
+        raise ValueError("empty batch")
+    for i, ex in enumerate(batch):
+        if not ex.input_ids:
+            raise ValueError(f"example {i} of the batch has no tokens")
+        if len(ex.input_ids) != len(ex.labels):
+            raise ValueError(f"example {i}: {len(ex.input_ids)} input ids but {len(ex.labels)} labels")
+
+
+def pack(batch: Sequence[Encoded]) -> dict:
+    """{"input_ids", "labels", "position_ids"}, each a long tensor [1, T], T = total tokens.
+
+    The first label of every example is IGNORE_INDEX: after the causal shift it
+    would be predicted from the previous example's last token.
+    """
+    _check(batch)
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in batch:
+        ids.extend(ex.input_ids)
+        labels.append(IGNORE_INDEX)
+        labels.extend(ex.labels[1:])
+        positions.extend(range(len(ex.input_ids)))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
+def pad(batch: Sequence[Encoded], pad_id: int) -> dict:
+    """{"input_ids", "attention_mask", "labels"}: long tensors [B, Lmax], right-padded.
+
+    Labels are IGNORE_INDEX on padding and on each example's first token (never
+    predicted), so padded and packed batches carry the same labelled tokens.
+    """
+    _check(batch)
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        labels[row, 1:n] = torch.tensor(ex.labels[1:], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices shuffled for (seed, epoch) and cut into groups of batch_size (last may be short).
+
+    A pure function of its arguments: a run resumed at epoch k replays exactly the
+    order an uninterrupted run would have used.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(lengths)).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
