@@ -1,0 +1,436 @@
+"""`python train.py -m backend=azureml`: the Optuna sweep as one Azure ML sweep job.
+
+phitune's Optuna sweeper hands over its search space (Hydra-Optuna grammar,
+keyed by config path) and its settings; this module translates them, refuses
+what Azure ML would refuse, and builds a SweepJob whose trials run
+
+    python train.py <overrides> backend=local <path>=${{search_space.<name>}} ...
+
+Each trial is an Azure ML command job with its own MLflow run (see
+phitune.azure.env); Azure reads the primary metric `full_valid_loss` from it.
+
+Search space (Hydra-Optuna grammar -> azure.ai.ml.sweep):
+
+| Hydra override                   | Azure ML                     | note                                     |
+|----------------------------------|------------------------------|------------------------------------------|
+| interval(a, b)                   | Uniform(a, b)                |                                          |
+| tag(log, interval(a, b))         | LogUniform(ln a, ln b)       | Azure takes the bounds in natural log    |
+| int(interval(a, b))              | QUniform(a, b, q=1)          | bound as `int(${{search_space.x}})`      |
+| tag(log, int(interval(a, b)))    | QLogUniform(ln a, ln b, q=1) | bound as `int(...)`; random sampling only|
+| choice(x, y, ...)                | Choice([x, y, ...])          |                                          |
+| range(a, b[, step])              | Choice(list(range))          | stop excluded, as in Hydra               |
+| a plain value                    | fixed override on every trial|                                          |
+
+int(interval) maps to QUniform rather than Randint: Azure's Randint(upper)
+draws from [0, upper) and cannot start at a; QUniform(a, b, 1) rounds a uniform
+draw to an integer in [a, b] (the two ends half as likely), and Bayesian
+sampling accepts it. Azure passes it as a number that may read "3.0", hence the
+Hydra `int()` cast in the trial's command.
+
+Sampler (hydra.sweeper.sampler) -> sampling_algorithm:
+
+| Optuna       | Azure ML                  | what Azure ML accepts with it                          |
+|--------------|---------------------------|--------------------------------------------------------|
+| tpe          | bayesian                  | choice, uniform, quniform only; no early termination   |
+| random       | random (seed kept)        | every distribution; any early termination              |
+| qmc (sobol)  | random, rule=sobol        | as random; qmc_type=halton is refused                  |
+| grid         | grid                      | choice (and range) only                                |
+| cmaes, other | refused                   | Azure ML has no CMA-ES or other samplers               |
+
+Pruner (hydra.sweeper.pruner) -> early_termination (Azure counts intervals in
+reports of the primary metric, i.e. epochs with train.full_eval_each_epoch=true;
+Optuna counts optimizer steps, so step-based settings are not carried over and
+the Azure settings are read from the pruner's config under Azure's names):
+
+| Optuna pruner                 | Azure ML policy                   | parameters (defaults)                                        |
+|-------------------------------|-----------------------------------|--------------------------------------------------------------|
+| none / nop                    | none                              |                                                              |
+| median                        | MedianStoppingPolicy              | evaluation_interval (1), delay_evaluation (0)                |
+| successive_halving, hyperband | BanditPolicy                      | slack_factor (0.1) or slack_amount, evaluation_interval (1), delay_evaluation (0) |
+| percentile                    | TruncationSelectionPolicy         | truncation_percentage = 100 - percentile, evaluation_interval, delay_evaluation |
+| threshold, patient, wilcoxon  | refused                           | no Azure ML counterpart                                      |
+
+Limits: n_trials -> max_total_trials, n_jobs -> max_concurrent_trials,
+timeout (s) -> timeout, backend.timeout_minutes -> trial_timeout.
+Objective: primary_metric `full_valid_loss`, goal from `direction`.
+Everything refused raises PhituneError before a request is built or sent.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import OmegaConf
+
+from phitune.errors import PhituneError
+
+PRIMARY_METRIC = "full_valid_loss"
+
+SAMPLERS = {"tpe": "bayesian", "random": "random", "grid": "grid", "qmc": "random"}
+_SAMPLER_CLASSES = {"TPESampler": "tpe", "RandomSampler": "random", "GridSampler": "grid", "CmaEsSampler": "cmaes",
+                    "QMCSampler": "qmc", "NSGAIISampler": "nsgaii", "NSGAIIISampler": "nsgaiii",
+                    "GPSampler": "gp", "BruteForceSampler": "bruteforce"}
+_PRUNER_CLASSES = {"MedianPruner": "median", "SuccessiveHalvingPruner": "successive_halving",
+                   "HyperbandPruner": "hyperband", "NopPruner": "none", "PercentilePruner": "percentile",
+                   "ThresholdPruner": "threshold", "PatientPruner": "patient", "WilcoxonPruner": "wilcoxon"}
+# What Azure ML's Bayesian sampling accepts (its documentation: "Bayesian sampling only
+# supports choice, uniform, and quniform distributions" and no early termination policy).
+BAYESIAN_KINDS = {"choice", "uniform", "quniform"}
+GRID_KINDS = {"choice"}
+
+
+@dataclass(frozen=True)
+class Param:
+    path: str  # config path, e.g. train.learning_rate_multiplier
+    name: str  # search-space name, e.g. train_learning_rate_multiplier
+    kind: str  # uniform | loguniform | quniform | qloguniform | choice
+    distribution: Any  # azure.ai.ml.sweep distribution
+    cast_int: bool  # bind as int(${{search_space.name}})
+    source: str  # the Hydra expression it came from
+    values: tuple = ()  # choice values, or (low, high) of an interval
+
+
+def search_space_name(path: str) -> str:
+    """`train.learning_rate_multiplier` -> `train_learning_rate_multiplier` (Azure input names are identifiers)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", path.lstrip("+~"))
+    return name if re.match(r"[A-Za-z_]", name) else "p_" + name
+
+
+def _parse(path: str, expr: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(f"{path}={expr}")
+    except HydraException as exc:
+        raise PhituneError(f"sweep parameter {path}={expr}: not valid Hydra override grammar "
+                           f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def translate_param(path: str, expr: str):
+    """A Param for a sweep expression, or the fixed override string `path=value` for a plain value."""
+    from azure.ai.ml.sweep import Choice, LogUniform, QLogUniform, QUniform, Uniform
+
+    override = _parse(path, str(expr))
+    name = search_space_name(path)
+    if not override.is_sweep_override():
+        return f"{path}={expr}"
+    value = override.value()
+    if override.is_choice_sweep() or override.is_range_sweep():
+        values = [v for v in override.sweep_iterator()]
+        if not values:
+            raise PhituneError(f"sweep parameter {path}={expr}: no values")
+        bad = [v for v in values if isinstance(v, (dict, list))]
+        if bad:
+            raise PhituneError(f"sweep parameter {path}={expr}: Azure ML choice values must be numbers or strings")
+        return Param(path, name, "choice", Choice(values=values), False, str(expr), tuple(values))
+    if override.is_interval_sweep():
+        lo, hi = value.start, value.end
+        is_int = isinstance(lo, int) and isinstance(hi, int)
+        is_log = "log" in value.tags
+        if lo is None or hi is None or lo >= hi:
+            raise PhituneError(f"sweep parameter {path}={expr}: the interval needs low < high")
+        if is_log:
+            if lo <= 0:
+                raise PhituneError(f"sweep parameter {path}={expr}: a log interval needs low > 0")
+            # Azure's LogUniform/QLogUniform take the bounds of log(value), natural log.
+            if is_int:
+                return Param(path, name, "qloguniform", QLogUniform(min_value=math.log(lo), max_value=math.log(hi), q=1),
+                             True, str(expr), (lo, hi))
+            return Param(path, name, "loguniform", LogUniform(min_value=math.log(lo), max_value=math.log(hi)),
+                         False, str(expr), (lo, hi))
+        if is_int:
+            return Param(path, name, "quniform", QUniform(min_value=lo, max_value=hi, q=1), True, str(expr), (lo, hi))
+        return Param(path, name, "uniform", Uniform(min_value=float(lo), max_value=float(hi)), False, str(expr),
+                     (float(lo), float(hi)))
+    raise PhituneError(f"sweep parameter {path}={expr}: unsupported sweep expression for Azure ML")
+
+
+def _get(obj, key: str, default=None):
+    if obj is None:
+        return default
+    if OmegaConf.is_config(obj):
+        return OmegaConf.select(obj, key, default=default)
+    if isinstance(obj, Mapping):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _plain(obj) -> dict:
+    if obj is None:
+        return {}
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True) or {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return {k: getattr(obj, k) for k in dir(obj) if not k.startswith("_") and not callable(getattr(obj, k))}
+
+
+def _named(value, classes: dict, what: str) -> "tuple[str, dict]":
+    """(name, options) from "tpe", {"name": "tpe", ...} or {"_target_": "optuna.samplers.TPESampler", ...}."""
+    if value is None:
+        return "none", {}
+    if isinstance(value, str):
+        return value.strip().lower(), {}
+    opts = _plain(value)
+    name = opts.pop("name", None) or opts.pop("type", None)
+    target = opts.pop("_target_", None)
+    if not name and target:
+        cls = str(target).rsplit(".", 1)[-1]
+        name = classes.get(cls, cls)
+    if not name:
+        raise PhituneError(f"hydra.sweeper.{what}: cannot tell which {what} this is: {value!r}")
+    return str(name).strip().lower(), opts
+
+
+def sampling_algorithm(sampler):
+    """(azure sampling algorithm, optuna sampler name); PhituneError when Azure has no equivalent."""
+    from azure.ai.ml.sweep import BayesianSamplingAlgorithm, GridSamplingAlgorithm, RandomSamplingAlgorithm
+
+    name, opts = _named(sampler if sampler is not None else "tpe", _SAMPLER_CLASSES, "sampler")
+    if name not in SAMPLERS:
+        raise PhituneError(f"hydra.sweeper.sampler={name}: Azure ML sweep jobs have no {name} sampling "
+                           "(they offer bayesian, random (incl. sobol) and grid); use sampler tpe, random, qmc "
+                           "or grid with backend=azureml, or run this sweep with backend=local")
+    seed = opts.get("seed")
+    if name == "tpe":
+        return BayesianSamplingAlgorithm(), name
+    if name == "grid":
+        return GridSamplingAlgorithm(), name
+    if name == "qmc":
+        qmc_type = str(opts.get("qmc_type", "sobol")).lower()
+        if qmc_type != "sobol":
+            raise PhituneError(f"hydra.sweeper.sampler: qmc_type={qmc_type}: Azure ML's quasi-random sampling "
+                               "is Sobol only (random sampling with rule=sobol); use qmc_type=sobol")
+        return RandomSamplingAlgorithm(rule="sobol", seed=int(seed) if seed is not None else None), name
+    return RandomSamplingAlgorithm(seed=int(seed) if seed is not None else None), name
+
+
+def early_termination(pruner):
+    """(azure early termination policy or None, optuna pruner name)."""
+    from azure.ai.ml.sweep import BanditPolicy, MedianStoppingPolicy, TruncationSelectionPolicy
+
+    name, opts = _named(pruner, _PRUNER_CLASSES, "pruner")
+    interval = int(opts.get("evaluation_interval", 1))
+    delay = int(opts.get("delay_evaluation", 0))
+    if interval < 1 or delay < 0:
+        raise PhituneError("hydra.sweeper.pruner: evaluation_interval must be >= 1 and delay_evaluation >= 0")
+    if name in ("none", "nop", "null", ""):
+        return None, "none"
+    if name == "median":
+        return MedianStoppingPolicy(evaluation_interval=interval, delay_evaluation=delay), name
+    if name in ("successive_halving", "successivehalving", "hyperband"):
+        if opts.get("slack_amount") is not None:
+            return BanditPolicy(slack_amount=float(opts["slack_amount"]), evaluation_interval=interval,
+                                delay_evaluation=delay), name
+        slack = float(opts.get("slack_factor", 0.1))
+        if slack <= 0:
+            raise PhituneError("hydra.sweeper.pruner.slack_factor must be > 0")
+        return BanditPolicy(slack_factor=slack, evaluation_interval=interval, delay_evaluation=delay), name
+    if name == "percentile":
+        pct = float(opts.get("percentile", 25.0))
+        truncation = int(opts.get("truncation_percentage", round(100 - pct)))
+        if not 1 <= truncation <= 99:
+            raise PhituneError(f"hydra.sweeper.pruner: truncation_percentage={truncation} must be in 1..99")
+        return TruncationSelectionPolicy(truncation_percentage=truncation, evaluation_interval=interval,
+                                         delay_evaluation=delay), name
+    raise PhituneError(f"hydra.sweeper.pruner={name}: Azure ML has no equivalent early-termination policy "
+                       "(it offers median stopping, bandit and truncation selection); use pruner median, "
+                       "successive_halving, hyperband, percentile or none with backend=azureml")
+
+
+def goal(direction) -> str:
+    if isinstance(direction, (list, tuple)) or (OmegaConf.is_list(direction) if OmegaConf.is_config(direction) else False):
+        items = list(direction)
+        if len(items) != 1:
+            raise PhituneError("hydra.sweeper.direction: Azure ML sweep jobs optimise one metric "
+                               f"({PRIMARY_METRIC}); a multi-objective direction is not supported")
+        direction = items[0]
+    text = str(getattr(direction, "name", direction) or "minimize").lower()
+    if text not in ("minimize", "maximize"):
+        raise PhituneError(f"hydra.sweeper.direction={direction}: expected minimize or maximize")
+    return text
+
+
+def check_combination(algorithm_name: str, params: list, policy) -> None:
+    """What Azure ML refuses, refused here first, with the reason."""
+    if algorithm_name == "tpe":
+        bad = [p for p in params if p.kind not in BAYESIAN_KINDS]
+        if bad:
+            listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
+            raise PhituneError(
+                f"sampler tpe -> Azure ML bayesian sampling accepts only choice, uniform and quniform; "
+                f"not {listing}. Use hydra.sweeper.sampler=random, or a plain interval/choice for these")
+        if policy is not None:
+            raise PhituneError(
+                "sampler tpe -> Azure ML bayesian sampling does not support early termination; set "
+                "hydra.sweeper.pruner=none, or use hydra.sweeper.sampler=random to keep the pruner")
+    if algorithm_name == "grid":
+        bad = [p for p in params if p.kind not in GRID_KINDS]
+        if bad:
+            listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
+            raise PhituneError(f"sampler grid -> Azure ML grid sampling accepts only choice (or range); not {listing}")
+
+
+def translate(params: Mapping[str, str]) -> "tuple[list, list]":
+    """(sweep Params, fixed overrides) for the sweeper's params; names checked for collisions."""
+    swept, fixed, names = [], [], {}
+    for path, expr in params.items():
+        result = translate_param(str(path), str(expr))
+        if isinstance(result, str):
+            fixed.append(result)
+            continue
+        if result.name in names or result.name in ("train_file", "validation_file"):
+            raise PhituneError(f"sweep parameters {names.get(result.name, result.name)} and {path} map to the same "
+                               f"Azure search-space name {result.name}")
+        names[result.name] = path
+        swept.append(result)
+    if not swept:
+        raise PhituneError("the sweep has no parameter to search (hydra.sweeper.params is empty)")
+    return swept, fixed
+
+
+def _user_overrides(overrides: Optional[list], params: Mapping[str, str]) -> list:
+    """The non-sweep command-line overrides; sweep expressions and swept keys are dropped."""
+    from phitune.azure.command_job import override_key
+
+    if overrides is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task)
+        except ValueError:  # Hydra not initialised (tests, direct calls)
+            overrides = []
+    keys = {str(k).lstrip("+~") for k in params}
+    out = []
+    for ov in overrides:
+        key = override_key(ov)
+        if key in keys:
+            continue
+        if "=" in ov and _parse(key, ov.split("=", 1)[1]).is_sweep_override():
+            print(f"note: {ov}: a sweep expression outside hydra.sweeper.params; not sent to Azure", file=sys.stderr)
+            continue
+        out.append(ov)
+    return out
+
+
+def _epoch_candidates(params: list):
+    """The epochs values a trial can run (for the cost estimate: the largest counts); None = train.epochs."""
+    for p in params:
+        if p.path == "train.epochs":
+            if p.kind == "choice":
+                return list(p.values)
+            return [int(math.floor(p.values[1]))]
+    return None
+
+
+def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overrides: Optional[list] = None):
+    """The azure.ai.ml SweepJob for the sweep (built offline; nothing is sent)."""
+    from azure.ai.ml import command
+
+    from phitune.azure.command_job import (
+        DATA_INPUTS, _input, data_inputs, environment, experiment_name, job_tags, project_root, remote_overrides,
+        shell_join,
+    )
+    from phitune.azure.redact import check_overrides, safe_env
+
+    swept, fixed = translate(params)
+    algorithm, algorithm_name = sampling_algorithm(_get(sweeper_cfg, "sampler", "tpe"))
+    policy, _ = early_termination(_get(sweeper_cfg, "pruner"))
+    check_combination(algorithm_name, swept, policy)
+    objective_goal = goal(_get(sweeper_cfg, "direction", "minimize"))
+    n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
+    n_jobs = int(_get(sweeper_cfg, "n_jobs", 1) or 1)
+    timeout = _get(sweeper_cfg, "timeout")
+    if n_trials < 1 or n_jobs < 1:
+        raise PhituneError("hydra.sweeper.n_trials and n_jobs must be >= 1")
+    check_overrides(fixed)
+
+    inputs = {name: _input(path) for name, path in data_inputs(cfg).items()}
+    bindings = [f"{key}=${{{{inputs.{name}}}}}" for key, name in DATA_INPUTS.items() if name in inputs]
+    swept_args = [f"{p.path}=int(${{{{inputs.{p.name}}}}})" if p.cast_int else f"{p.path}=${{{{inputs.{p.name}}}}}"
+                  for p in swept]
+    user = remote_overrides(_user_overrides(overrides, params), replaced=set(DATA_INPUTS) | {p.path for p in swept})
+    cmd = f"python train.py {shell_join([*user, *fixed, 'backend=local', *bindings, *swept_args])}"
+
+    defaults = {}
+    for p in swept:
+        current = OmegaConf.select(cfg, p.path, default=None)
+        defaults[p.name] = current if isinstance(current, (int, float, str)) and not isinstance(current, bool) \
+            else (p.values[0] if p.values else 0)
+    root = project_root(settings.code_dir)
+    trial = command(
+        command=cmd,
+        code=str(root),
+        inputs={**inputs, **defaults},
+        environment=environment(settings),
+        environment_variables=safe_env({"PYTHONPATH": "src"}),
+        compute=settings.compute,
+        instance_type=settings.instance_type,
+        instance_count=settings.instance_count,
+    )
+    trial = trial(**{p.name: p.distribution for p in swept})
+    node = trial.sweep(
+        sampling_algorithm=algorithm,
+        primary_metric=PRIMARY_METRIC,
+        goal=objective_goal,
+        early_termination_policy=policy,
+        compute=settings.compute,
+    )
+    node.set_limits(
+        max_total_trials=n_trials,
+        max_concurrent_trials=n_jobs,
+        timeout=int(timeout) if timeout else None,  # seconds, the whole sweep
+        trial_timeout=int(settings.timeout_minutes) * 60 if settings.timeout_minutes else None,  # seconds
+    )
+    job = node._to_job()
+    job.experiment_name = experiment_name(cfg, settings)
+    job.display_name = settings.display_name
+    job.description = f"phitune sweep: {n_trials} trials of python train.py, {PRIMARY_METRIC} {objective_goal}"
+    job.tags = job_tags(cfg, settings, "sweep")
+    return job
+
+
+def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list] = None, credential=None,
+                 transport=None, sleep=None) -> None:
+    """Called by phitune's Optuna sweeper for `python train.py -m backend=azureml`.
+
+    `params`: Hydra-Optuna expressions keyed by config path; `sweeper_cfg`: n_trials,
+    sampler, direction, pruner, timeout, n_jobs. `overrides`: the command line's
+    non-sweep overrides (default: Hydra's task overrides). Dry run writes
+    <backend.output_dir>/sweep_job.yaml. Returns None: the objective lives in Azure.
+    """
+    import time
+
+    from phitune.azure import cost
+    from phitune.azure.command_job import data_inputs, dump_job, is_remote_uri
+    from phitune.azure.redact import install_log_filter
+    from phitune.azure.settings import backend_settings
+    from phitune.azure.workspace import follow, ml_client, raise_if_failed, require_sdk, studio_url
+
+    require_sdk()
+    install_log_filter()
+    settings = backend_settings(config.backend)
+    if settings.name != "azureml":
+        raise PhituneError(f"backend={settings.name}: sweeps run on Azure ML only (backend=azureml); "
+                           "Foundry serverless fine-tuning has no sweep")
+    job = build_sweep_job(config, params, sweeper_cfg, settings, overrides=overrides)  # refusals happen here
+    n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
+    remote = any(is_remote_uri(p) for p in data_inputs(config).values())
+    swept, _ = translate(params)
+    cost.preflight(config, settings, trials=n_trials, epochs=_epoch_candidates(swept), remote_data=remote)
+    if settings.dry_run:
+        path = dump_job(job, Path(settings.output_dir) / "sweep_job.yaml")
+        print(f"dry run: wrote {path} (submit it with: az ml job create -f {path}); nothing was submitted")
+        return None
+    client = ml_client(settings, credential=credential, transport=transport)
+    created = client.jobs.create_or_update(job)
+    print(f"submitted Azure ML sweep job {created.name}: {studio_url(created) or '(no studio link returned)'}")
+    if settings.follow:
+        final = follow(client, created.name, settings.poll_seconds, sleep=sleep or time.sleep)
+        raise_if_failed(final)
+    return None

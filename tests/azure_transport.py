@@ -1,0 +1,188 @@
+"""A recording azure-core transport: MLClient talks to it instead of Azure.
+
+Every request MLClient would send is recorded (method, URL, headers, JSON body)
+and answered from canned routes; nothing leaves the process. The responses are
+built as real `requests.Response` objects wrapped in azure-core's own
+RequestsTransportResponse / RestRequestsTransportResponse, so the SDK's
+pipeline (deserialisation, LRO polling, error mapping) runs exactly as it would
+against the service.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+from urllib.parse import parse_qs, urlparse
+
+import requests
+from azure.core.credentials import AccessToken
+from azure.core.pipeline.transport import HttpTransport, RequestsTransportResponse
+from azure.core.rest._requests_basic import RestRequestsTransportResponse
+
+try:  # azure-core >= 1.30 keeps it here
+    from azure.core.pipeline._tools import is_rest
+except ImportError:  # pragma: no cover
+    from azure.core.pipeline.transport._requests_basic import _is_rest as is_rest
+
+SUB = "00000000-1111-2222-3333-444444444444"
+RG = "rg-phitune"
+WS = "ws-phitune"
+ARM = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.MachineLearningServices/workspaces/{WS}"
+
+
+class FakeCredential:
+    """A TokenCredential that never talks to Entra ID (tests must not use DefaultAzureCredential)."""
+
+    TOKEN = "fake-arm-token-for-tests"
+
+    def get_token(self, *scopes, **kwargs) -> AccessToken:
+        return AccessToken(self.TOKEN, int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes, **kwargs):
+        from azure.core.credentials import AccessTokenInfo
+
+        return AccessTokenInfo(self.TOKEN, int(time.time()) + 3600)
+
+
+@dataclass
+class Recorded:
+    method: str
+    url: str
+    headers: dict
+    body: Any  # parsed JSON, or the raw text/bytes when not JSON, or None
+
+    @property
+    def path(self) -> str:
+        return urlparse(self.url).path
+
+    @property
+    def query(self) -> dict:
+        return {k: v[0] for k, v in parse_qs(urlparse(self.url).query).items()}
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).netloc
+
+
+Answer = Union[dict, list, tuple, Callable[["Recorded"], Any], None]
+
+
+@dataclass
+class Route:
+    method: str
+    pattern: re.Pattern
+    answer: Answer  # JSON body (200), (status, body[, headers]), or a callable of the request
+    hits: int = 0
+
+
+@dataclass
+class RecordingTransport(HttpTransport):
+    """Records requests; answers the first route whose method and URL regex match, else 404."""
+
+    routes: list = field(default_factory=list)
+    requests: list = field(default_factory=list)
+
+    # -- set-up ---------------------------------------------------------------------
+    def on(self, method: str, url_regex: str, answer: Answer) -> "RecordingTransport":
+        self.routes.append(Route(method.upper(), re.compile(url_regex), answer))
+        return self
+
+    # -- HttpTransport ----------------------------------------------------------------
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
+
+    def sleep(self, duration: float) -> None:  # LRO polling: no real waiting in tests
+        pass
+
+    def send(self, request, **kwargs):
+        raw = request.content if is_rest(request) else request.data
+        if isinstance(raw, (bytes, bytearray)):
+            raw = raw.decode("utf-8", "replace")
+        body: Any = raw
+        if isinstance(raw, str) and raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                pass
+        rec = Recorded(request.method.upper(), request.url, dict(request.headers), body)
+        self.requests.append(rec)
+
+        status, payload, headers = 404, {"error": {"code": "NotFound", "message": f"no canned answer for {rec.method} {rec.path}"}}, {}
+        for route in self.routes:
+            if route.method == rec.method and route.pattern.search(rec.url):
+                route.hits += 1
+                answer = route.answer(rec) if callable(route.answer) else route.answer
+                if isinstance(answer, tuple):
+                    status, payload = answer[0], answer[1]
+                    headers = answer[2] if len(answer) > 2 else {}
+                else:
+                    status, payload = 200, answer
+                break
+        return self._response(request, status, payload, headers)
+
+    @staticmethod
+    def _response(request, status: int, payload, headers: dict):
+        resp = requests.Response()
+        resp.status_code = status
+        resp.reason = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 404: "Not Found"}.get(status, "")
+        data = b"" if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+        resp.raw = io.BytesIO(data)  # streamed like a socket, so azure-core's download path runs
+        resp.headers.update({"Content-Type": "application/json", "x-ms-request-id": "rec-0001", **headers})
+        resp.url = request.url
+        if is_rest(request):
+            out = RestRequestsTransportResponse(request=request, internal_response=resp)
+            out.read()
+            return out
+        return RequestsTransportResponse(request, resp)
+
+    # -- assertions helpers ----------------------------------------------------------------
+    def sent(self, method: Optional[str] = None, path_regex: str = "") -> list:
+        rx = re.compile(path_regex)
+        return [r for r in self.requests if (method is None or r.method == method.upper()) and rx.search(r.path)]
+
+    def dump(self) -> str:
+        """Everything recorded as text (for the canary-secret scan)."""
+        return "\n".join(f"{r.method} {r.url}\n{json.dumps(r.headers, default=str)}\n{json.dumps(r.body, default=str)}"
+                         for r in self.requests)
+
+
+# -- canned ARM bodies ------------------------------------------------------------------------------
+
+def echo_job(rec: Recorded, status: str = "NotStarted") -> dict:
+    """Answer a job PUT with what was sent plus the fields the service adds (id, status, studio link)."""
+    name = rec.path.rstrip("/").split("/")[-1]
+    props = dict(rec.body["properties"]) if isinstance(rec.body, dict) else {}
+    props["status"] = status
+    props.setdefault("services", {})
+    props["services"] = {**(props.get("services") or {}),
+                         "Studio": {"jobServiceType": "Studio",
+                                    "endpoint": f"https://ml.azure.com/runs/{name}?wsid={ARM}"}}
+    return {"id": f"{ARM}/jobs/{name}", "name": name, "type": "Microsoft.MachineLearningServices/workspaces/jobs",
+            "properties": props, "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
+
+
+def code_version(name: str = "phitune-code", version: str = "1") -> dict:
+    return {"id": f"{ARM}/codes/{name}/versions/{version}", "name": version,
+            "type": "Microsoft.MachineLearningServices/workspaces/codes/versions",
+            "properties": {"codeUri": f"https://stphitune.blob.core.windows.net/code/{name}", "isAnonymous": True,
+                           "properties": {}, "tags": {}}}
+
+
+def echo_versioned(rec: Recorded) -> dict:
+    """Answer an asset-version PUT (environment, code, data, model) with what was sent plus its id."""
+    parts = rec.path.rstrip("/").split("/")
+    return {"id": rec.path, "name": parts[-1], "type": "Microsoft.MachineLearningServices/workspaces/" + parts[-4] + "/versions",
+            "properties": dict(rec.body.get("properties", {})) if isinstance(rec.body, dict) else {},
+            "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
