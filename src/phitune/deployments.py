@@ -1,0 +1,101 @@
+"""Deployment records, kept next to the registry: what is served where, since when.
+
+One JSON file per deployment in `<mlruns>/deployments/<id>.json` (the folder of the
+sqlite tracking db; `PHITUNE_DEPLOYMENTS_DIR` overrides). A deployment counts as
+deployed from `phitune serve` / `phitune deploy` until `phitune undeploy`, as on
+Azure AI Foundry, where a model can't be deleted while a deployment uses it; a local
+server that exited is shown as `stopped` but still counts until it is undeployed.
+
+Record keys: id, model_name, model_version, model_uri, target ("local"|"azureml"),
+url, pid (local), endpoint_name / deployment_name (azureml), created_at (ISO 8601
+UTC), state ("active"|"deleted"), plus deleted_at once undeployed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def deployments_dir(tracking_uri: str | None = None) -> Path:
+    env = os.environ.get("PHITUNE_DEPLOYMENTS_DIR")
+    if env:
+        return Path(env)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent / "deployments"
+    return Path("mlruns") / "deployments"
+
+
+def _write(path: Path, record: dict) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, path)  # readers never see half a record
+
+
+def record_deployment(model_uri: str, model_name: str | None, model_version: str | None, target: str, url: str,
+                      tracking_uri: str | None = None, pid: int | None = None, **extra) -> dict:
+    folder = deployments_dir(tracking_uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"id": uuid.uuid4().hex[:12], "model_uri": model_uri, "model_name": model_name,
+              "model_version": None if model_version is None else str(model_version), "target": target, "url": url,
+              "pid": pid, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "state": "active",
+              **extra}
+    _write(folder / f"{record['id']}.json", record)
+    return record
+
+
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def list_deployments(tracking_uri: str | None = None, include_deleted: bool = False) -> list[dict]:
+    folder = deployments_dir(tracking_uri)
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("state") == "deleted" and not include_deleted:
+            continue
+        if record.get("target") == "local" and record.get("state") == "active":
+            record["running"] = _alive(record.get("pid"))
+            record["status"] = "serving" if record["running"] else "stopped"
+        else:
+            record["status"] = record.get("state")
+        out.append(record)
+    return sorted(out, key=lambda r: r.get("created_at", ""))
+
+
+def get_deployment(dep_id: str, tracking_uri: str | None = None) -> dict | None:
+    for record in list_deployments(tracking_uri, include_deleted=True):
+        if record["id"] == dep_id:
+            return record
+    return None
+
+
+def mark_deleted(dep_id: str, tracking_uri: str | None = None) -> dict:
+    path = deployments_dir(tracking_uri) / f"{dep_id}.json"
+    record = json.loads(path.read_text())
+    record.update(state="deleted", deleted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    _write(path, record)
+    return record
+
+
+def active_for(model_name: str, version: str | None = None, tracking_uri: str | None = None) -> list[dict]:
+    """Deployments that keep `model_name` (or one version of it) from being deleted."""
+    return [r for r in list_deployments(tracking_uri)
+            if r.get("model_name") == model_name and (version is None or str(r.get("model_version")) == str(version))]
