@@ -1,0 +1,501 @@
+"""The sweep loop behind `python train.py -m`: ask, launch, tell, until the study is full.
+
+One invocation is one worker. Several workers (re-runs after a crash, parallel
+machines on a shared PostgreSQL/MySQL storage) cooperate through the study:
+
+    loop
+      study full (finished trials >= n_trials)        -> done
+      token budget or timeout spent                   -> stop, no new trial
+      every slot taken by other workers' trials       -> wait for them (failing stale ones)
+      ask a batch (n_jobs), launch it, tell each outcome, print a progress line
+      too many failures                               -> stop with an error
+
+A trial left RUNNING by a dead worker stops getting heartbeats; grace_period seconds
+later any worker marks it FAILED and enqueues the same params again (max_retries).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from phitune.errors import PhituneError
+from phitune.sweep import space as sp
+from phitune.sweep import study as st
+from phitune.sweep.heartbeat import Heartbeat
+from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run
+from phitune.sweep.progress import outcome_line, progress_line
+
+
+class SweepStopped(PhituneError):
+    """The sweep stopped early on purpose (too many failures); the message says why."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM: running trials were FAILED and re-enqueued; re-run to continue."""
+
+
+# -- what to sweep ---------------------------------------------------------------------------
+
+@dataclass
+class SweepPlan:
+    space_text: dict[str, str]  # name -> search-space string, as written
+    space: dict[str, Any]  # name -> optuna distribution
+    launch_keys: dict[str, str]  # name -> override key (keeps a leading + or @package)
+    fixed: list[str] = field(default_factory=list)  # overrides every trial gets
+
+
+def plan_sweep(params: dict | None, arguments: list[str]) -> SweepPlan:
+    """hydra.sweeper.params and the command line -> search space + fixed overrides.
+
+    The command line wins: `train.epochs=range(1,3)` replaces the file's range for
+    train.epochs, and `train.epochs=2` removes it from the space (every trial gets 2).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    space_text: dict[str, str] = {}
+    launch_keys: dict[str, str] = {}
+    fixed: dict[str, str] = {}  # key -> override line; dict keeps order, last one wins
+    for name, value in (params or {}).items():
+        name, text = str(name), _param_text(value)
+        ov = sp.parse_override(name, text)
+        if ov.is_sweep_override():
+            space_text[name], launch_keys[name] = text, ov.get_key_element()
+        else:
+            fixed[name] = f"{name}={text}"
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(arguments))
+    except HydraException as exc:
+        raise PhituneError(f"cannot parse the command line: {' '.join(str(exc).split())}") from None
+    for ov in parsed:
+        key = _param_name(ov)
+        if ov.is_sweep_override():
+            fixed.pop(key, None)
+            space_text[key] = ov.input_line.split("=", 1)[1]
+            launch_keys[key] = ov.get_key_element()
+        else:
+            space_text.pop(key, None)
+            launch_keys.pop(key, None)
+            fixed.pop(key, None)
+            fixed[key] = ov.input_line
+    dists = {}
+    for name, text in space_text.items():
+        dists[name] = sp.parse_dimension(name, text)
+    return SweepPlan(space_text, dists, launch_keys, list(fixed.values()))
+
+
+def _param_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (DictConfig,)) or OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return sp.format_value(value) if not isinstance(value, (list, dict)) else str(value).replace("'", "")
+
+
+def _param_name(ov) -> str:
+    return ov.key_or_group + (f"@{ov.package}" if ov.package else "")
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+@dataclass
+class SweepContext:
+    """What the Hydra plugin hands over."""
+
+    settings: DictConfig  # hydra.sweeper.*
+    config: DictConfig  # the composed config (with its hydra node)
+    launcher: Any  # hydra Launcher
+    validate: Callable[[list[list[str]]], None]  # Sweeper.validate_batch_is_legal
+
+
+def run_sweep(ctx: SweepContext, arguments: list[str]) -> list:
+    s = ctx.settings
+    plan = plan_sweep(s.params, arguments)
+    if not plan.space:
+        raise PhituneError("nothing to sweep: hydra.sweeper.params is empty and the command line has no search space "
+                           "(e.g. 'train.epochs=range(1,4)' or sweep=NAME)")
+
+    backend = OmegaConf.select(ctx.config, "backend.name", default=None)
+    if backend == "azureml":
+        return _submit_to_azure(ctx, plan)
+
+    _validate(ctx, plan)
+    return Sweep(ctx, plan).run()
+
+
+def _submit_to_azure(ctx: SweepContext, plan: SweepPlan):
+    try:
+        from phitune.azure.sweep_job import submit_sweep
+    except ImportError as exc:
+        if getattr(exc, "name", "") and not str(getattr(exc, "name", "")).startswith("phitune.azure"):
+            raise
+        raise PhituneError("backend=azureml: sweeps on Azure ML need phitune.azure.sweep_job, "
+                           "which this installation does not have") from None
+    task_cfg = OmegaConf.masked_copy(ctx.config, [k for k in ctx.config.keys() if k != "hydra"])
+    # Fixed command-line values (train.max_steps=5) are already in task_cfg.
+    return submit_sweep(task_cfg, dict(plan.space_text), ctx.settings)
+
+
+def _validate(ctx: SweepContext, plan: SweepPlan) -> None:
+    """Compose one trial's overrides before anything is created, so a misspelt
+    parameter fails now with Hydra's message, not as N failed trials."""
+    sample = list(plan.fixed)
+    for name, dist in plan.space.items():
+        sample.append(f"{plan.launch_keys[name]}={sp.format_value(_some_value(dist))}")
+    sample += _trial_overrides("sqlite:///:memory:", "validate", 0, "0" * 32)
+    try:
+        ctx.validate([sample])
+    except Exception as exc:  # ConfigCompositionException, missing keys, bad types...
+        raise PhituneError(f"the sweep's overrides do not fit the config: {' '.join(str(exc).split())}") from None
+
+
+def _some_value(dist):
+    return dist.choices[0] if hasattr(dist, "choices") else dist.low
+
+
+def _trial_overrides(storage: str, study_name: str, number: int, parent_run_id: str) -> list[str]:
+    """The contract with the job: where its trial lives and which MLflow run is its parent."""
+    return [sp.override("trial.storage", storage), sp.override("trial.study_name", study_name),
+            f"trial.number={int(number)}", sp.override("tracking.parent_run_id", parent_run_id)]
+
+
+class Sweep:
+    def __init__(self, ctx: SweepContext, plan: SweepPlan):
+        self.ctx, self.plan, self.s = ctx, plan, ctx.settings
+        self.metric = str(self.s.metric)
+        self.sweep_dir = Path(str(ctx.config.hydra.sweep.dir))
+        self.sweep_name = str(OmegaConf.select(ctx.config, "hydra.runtime.choices.sweep", default=None) or "sweep")
+        experiment = str(OmegaConf.select(ctx.config, "tracking.experiment", default=None) or "phitune")
+        self.study_name = str(self.s.study_name or f"{experiment}-{self.sweep_name}")
+        if not self.s.storage:
+            raise PhituneError("hydra.sweeper.storage must be a database URL (e.g. sqlite:///mlruns/optuna.db): "
+                               "each job reaches its trial through it")
+        self.url = st.absolute_storage_url(str(self.s.storage))
+        self.pruner_spec = st.pruner_spec(self.s.pruner)
+        if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
+            raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
+        if int(self.s.n_jobs) < 1:
+            raise PhituneError(f"hydra.sweeper.n_jobs={self.s.n_jobs}: expected 1 or more")
+        self.n_trials = int(self.s.n_trials)
+        if str(self.s.sampler.name).lower() == "grid":
+            size = st.grid_size(plan.space)
+            if size < self.n_trials:
+                print(f"sweep: the grid has {size} points; n_trials {self.n_trials} -> {size}")
+                self.n_trials = size
+        self.per_trial_seed = str(self.s.sampler.name).lower() in ("tpe", "random") and self.s.sampler.seed is not None
+        self.job_idx = 0
+        self.returns: list = []
+        self.in_flight: dict[int, Any] = {}  # trial number -> optuna Trial
+        self.trial_ids: dict[int, int] = {}  # trial number -> storage trial id (for heartbeats)
+
+    # -- set-up ------------------------------------------------------------------------
+    def _open_study(self):
+        import optuna
+
+        retry = st.retry_callback(int(self.s.max_retries))
+        self.storage = st.open_storage(self.url, self.s.heartbeat_interval, self.s.grace_period, stale_callback=retry)
+        self.retry = retry
+        sampler = st.make_sampler(self.s.sampler, self.plan.space)
+        pruner = st.build_pruner(self.pruner_spec)
+        direction = str(self.s.direction).lower()
+        if direction not in ("minimize", "maximize"):
+            raise PhituneError(f"hydra.sweeper.direction={self.s.direction!r}: expected minimize or maximize")
+        try:
+            study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction=direction,
+                                        sampler=sampler, pruner=pruner)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=sampler, pruner=pruner)
+            created = False
+            if study.direction.name.lower() != direction:
+                raise PhituneError(f"study {self.study_name!r} was created to {study.direction.name.lower()}, "
+                                   f"not {direction}: set hydra.sweeper.study_name to start a new study") from None
+        # Current settings win on resume; jobs rebuild the pruner from this attr.
+        study.set_user_attr(st.PRUNER_ATTR, self.pruner_spec)
+        study.set_user_attr(st.SPACE_ATTR, dict(self.plan.space_text))
+        study.set_user_attr(st.N_TRIALS_ATTR, self.n_trials)
+        self.study = study
+        self.study_id = self.storage.get_study_id_from_name(self.study_name)
+        return created
+
+    def _open_parent(self, created: bool) -> None:
+        tracking = self.ctx.config.tracking
+        self.parent = ParentRun.open(tracking, self.study, self.sweep_name, created)
+        self.parent.log_params({
+            "study_name": self.study_name, "storage": st.display_url(self.url), "direction": str(self.s.direction),
+            "n_trials": self.n_trials, "sampler": st.describe_sampler(self.s.sampler),
+            "pruner": st.describe_pruner(self.pruner_spec), "metric": self.metric,
+            "search_space": sp.describe(self.plan.space_text),
+            **{f"space.{k}": v for k, v in self.plan.space_text.items()},
+            "fixed_overrides": " ".join(self.plan.fixed),
+        })
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> list:
+        import optuna
+
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.ctx.config, self.sweep_dir / "multirun.yaml")
+        created = self._open_study()
+        self._open_parent(created)
+        self._recover()
+        counts = self._counts()
+        print(f"sweep {self.study_name}: {counts.finished}/{self.n_trials} trials done"
+              f"{' (resumed)' if not created else ''} · sampler {st.describe_sampler(self.s.sampler)}"
+              f" · pruner {st.describe_pruner(self.pruner_spec)} · storage {st.display_url(self.url)}"
+              f" · MLflow parent run {self.parent.run_id}")
+        print(f"  search space: {sp.describe(self.plan.space_text)}")
+        if self.plan.fixed:
+            print(f"  every trial: {' '.join(self.plan.fixed)}")
+
+        started = time.monotonic()
+        stop_reason, status = None, "FINISHED"
+        try:
+            with Heartbeat(self.storage, self.s.heartbeat_interval) as self.hb:
+                stop_reason = self._loop(started)
+        except (KeyboardInterrupt, SweepInterrupted):
+            self._interrupted()
+            raise SweepInterrupted() from None
+        except SweepStopped as exc:
+            stop_reason, status = str(exc), "FAILED"
+            self._finish(stop_reason, status)
+            raise
+        self._finish(stop_reason, status)
+        return self.returns
+
+    def _loop(self, started: float) -> str | None:
+        waiting_said = False
+        while True:
+            counts = self._counts()
+            if counts.finished >= self.n_trials:
+                return None
+            reason = self._budget_spent(counts, started)
+            if reason:
+                print(f"sweep: {reason}; no new trial starts")
+                return reason
+            free = self.n_trials - counts.allocated + counts.waiting
+            if free <= 0:
+                if not waiting_said:
+                    print(f"sweep: waiting for {counts.running} running trial(s) of other workers "
+                          f"(a dead one's are retried {self.s.grace_period} s after its last heartbeat)")
+                    waiting_said = True
+                time.sleep(min(5.0, max(1.0, float(self.s.heartbeat_interval or 5))))
+                self._recover()
+                continue
+            waiting_said = False
+            batch = self._ask_batch(min(int(self.s.n_jobs), free))
+            if batch:
+                self._launch(batch)
+                self._check_failures()
+
+    def _recover(self) -> None:
+        """FAIL the RUNNING trials whose worker stopped beating (the storage's callback
+        re-enqueues them) and end their MLflow runs, which a SIGKILL left RUNNING."""
+        import optuna
+
+        optuna.storages.fail_stale_trials(self.study)
+        finished = {t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+        if finished:
+            self.parent.close_orphans(finished)
+
+    def _frozen(self, number: int):
+        return self.study.get_trials(deepcopy=False)[number]  # trials are listed by number
+
+    def _counts(self):
+        return st.count_trials(self.study.get_trials(deepcopy=False))
+
+    def _budget_spent(self, counts, started: float) -> str | None:
+        if self.s.max_total_tokens is not None and counts.tokens >= int(self.s.max_total_tokens):
+            return f"token budget spent ({counts.tokens:,} of {int(self.s.max_total_tokens):,} training tokens)"
+        if self.s.timeout is not None and time.monotonic() - started >= float(self.s.timeout):
+            return f"timeout reached ({float(self.s.timeout):g} s)"
+        return None
+
+    def _ask_batch(self, n: int) -> list:
+        batch = []
+        for _ in range(n):
+            trial = self._ask()
+            if trial is not None:
+                batch.append(trial)
+        return batch
+
+    def _ask(self):
+        """One new (or re-enqueued) trial with its params, or None if it came too late."""
+        import optuna
+
+        from phitune.sweep.study import DISCARDED_ATTR
+
+        if self.per_trial_seed:
+            self.study.sampler = st.make_sampler(self.s.sampler, self.plan.space, len(self.study.get_trials(deepcopy=False)))
+        trial = self.study.ask()
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        self.hb.add(trial_id)
+        self.in_flight[trial.number] = trial
+        self.trial_ids[trial.number] = trial_id
+        trials = self.study.get_trials(deepcopy=False)
+        if st.slot_of(trials, trial.number) >= self.n_trials:
+            # Another worker took the last slot between our count and our ask.
+            trial.set_user_attr(DISCARDED_ATTR, True)
+            self._tell(trial, optuna.trial.TrialState.FAIL)
+            return None
+        if self.per_trial_seed:
+            self.study.sampler = st.make_sampler(self.s.sampler, self.plan.space, trial.number)
+        try:
+            for name, dist in self.plan.space.items():
+                sp.suggest(trial, name, dist)
+        except ValueError as exc:  # a re-enqueued trial whose value no longer fits the space
+            trial.set_user_attr(st.ERROR_ATTR, f"search space changed: {exc}")
+            self._tell(trial, optuna.trial.TrialState.FAIL)
+            print(outcome_line(trial.number, "failed", error=f"search space changed since it was enqueued: {exc}"))
+            return None
+        return trial
+
+    def _overrides(self, trial) -> list[str]:
+        ov = list(self.plan.fixed)
+        for name in self.plan.space:
+            ov.append(f"{self.plan.launch_keys[name]}={sp.format_value(trial.params[name])}")
+        return ov + _trial_overrides(self.url, self.study_name, trial.number, self.parent.run_id)
+
+    def _launch(self, batch: list) -> None:
+        numbers = [t.number for t in batch]
+        # Hydra's job number names the job's folder: make it the trial number when it can be.
+        consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        idx = numbers[0] if consecutive else self.job_idx
+        overrides = [self._overrides(t) for t in batch]
+        try:
+            returns = self.ctx.launcher.launch(overrides, initial_job_idx=idx)
+        except Exception as exc:  # the launcher itself broke (e.g. a joblib worker crashed)
+            returns = [_failed_return(exc) for _ in batch]
+        finally:
+            end_stray_fluent_run()
+        self.job_idx = max(self.job_idx, idx + len(batch))
+        self.returns.append(returns)
+        for trial, ret in zip(batch, returns):
+            self._conclude(trial, ret)
+
+    def _conclude(self, trial, ret) -> None:
+        """Tell the study how the job ended; tag its MLflow run; print the progress line."""
+        import optuna
+        from hydra.core.utils import JobStatus
+
+        state, value, error = optuna.trial.TrialState.FAIL, None, None
+        result = ret._return_value  # JobReturn.return_value re-raises a job's exception
+        if ret.status == JobStatus.COMPLETED:
+            try:
+                value = float(result)
+            except (TypeError, ValueError):
+                error = f"the job returned {result!r}, not a number"
+            else:
+                if math.isfinite(value):
+                    state = optuna.trial.TrialState.COMPLETE
+                else:
+                    error, value = f"the objective is {value} (training diverged?)", None
+        elif _is_pruned(result):
+            state = optuna.trial.TrialState.PRUNED
+        else:
+            error = f"{type(result).__name__}: {result}" if result is not None else "the job did not run"
+        child = self.parent.find_child(trial.number)
+        attrs = {st.MLFLOW_RUN_ATTR: child.info.run_id} if child is not None else {}
+        if error:
+            attrs[st.ERROR_ATTR] = error[:2000]
+        try:
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker already failed it as stale
+        self._tell(trial, state, value)
+        label = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(state, "failed")
+        self.parent.mark_child(child, label)
+        pruned_value = self._frozen(trial.number).value if label == "pruned" else value
+        print(outcome_line(trial.number, label, pruned_value, error, self.metric))
+        counts = self._counts()
+        print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study)), flush=True)
+
+    def _tell(self, trial, state, value=None) -> None:
+        try:
+            self.study.tell(trial, state=state, values=value, skip_if_finished=True)
+        except RuntimeError as exc:
+            if "Study.stop" not in str(exc):  # the grid sampler asks to stop when the grid is done
+                raise
+        finally:
+            self.in_flight.pop(trial.number, None)
+            trial_id = self.trial_ids.pop(trial.number, None)
+            if trial_id is not None:
+                self.hb.remove(trial_id)
+
+    def _check_failures(self) -> None:
+        counts = self._counts()
+        if counts.finished and counts.failed / counts.finished > float(self.s.max_failure_rate):
+            raise SweepStopped(
+                f"{counts.failed} of {counts.finished} finished trials failed, above "
+                f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}; the last error: {self._last_error()} "
+                f"(the errors are in the trials table and on each trial's MLflow run)")
+
+    def _last_error(self) -> str:
+        from optuna.trial import TrialState
+
+        failed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.user_attrs.get(st.ERROR_ATTR)]
+        return failed[-1].user_attrs[st.ERROR_ATTR] if failed else "unknown"
+
+    # -- endings -----------------------------------------------------------------------
+    def _interrupted(self) -> None:
+        """Ctrl-C: FAIL the trials in flight and enqueue them again, so a re-run redoes them."""
+        import optuna
+
+        for number, trial in list(self.in_flight.items()):
+            try:
+                trial.set_user_attr(st.ERROR_ATTR, "interrupted (Ctrl-C or SIGTERM)")
+                self._tell(trial, optuna.trial.TrialState.FAIL)
+                self.retry(self.study, self._frozen(number))
+            except Exception as exc:  # the storage may be what hung; the heartbeat will time out instead
+                print(f"  trial {number}: could not record the interruption ({exc})", file=sys.stderr)
+        try:
+            self.parent.finish("KILLED")
+        except Exception:
+            pass
+
+    def _finish(self, stop_reason: str | None, status: str) -> None:
+        from phitune.sweep.report import log_to_parent, write_results
+
+        from optuna.trial import TrialState
+
+        self.parent.close_orphans({t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))})
+        counts = self._counts()
+        path = write_results(self.study, self.sweep_dir, counts, self.n_trials, stop_reason)
+        skipped = {}
+        try:
+            skipped = log_to_parent(self.parent, self.study, self.metric, counts, self.sweep_dir, bool(self.s.plots))
+        finally:
+            self.parent.client.set_tag(self.parent.run_id, STUDY_TAG, self.study_name)
+            if stop_reason:
+                self.parent.client.set_tag(self.parent.run_id, "phitune.stop_reason", stop_reason[:5000])
+            self.parent.finish(status)
+        for name, why in skipped.items():
+            print(f"  plot {name} skipped: {why}")
+        best = st.best_trial(self.study)
+        if best is not None:
+            params = " ".join(sp.override(k, v) for k, v in best.params.items())
+            print(f"sweep {self.study_name}: best {self.metric} {best.value:.4g} (trial {best.number}): {params}")
+        print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
+
+
+def _is_pruned(exc) -> bool:
+    import optuna
+
+    # A joblib worker pickles the exception back: same class, but be lenient about its module.
+    return isinstance(exc, optuna.TrialPruned) or type(exc).__name__ == "TrialPruned"
+
+
+def _failed_return(exc):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    ret = JobReturn()
+    ret.status = JobStatus.FAILED
+    ret.return_value = exc
+    return ret

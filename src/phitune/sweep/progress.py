@@ -1,0 +1,26 @@
+"""The line printed as each trial ends:
+
+    trial 7/20 · best full_valid_loss 1.83 (trial 4) · 2 pruned · 1 failed
+
+`7` counts the study's finished trials (all workers, all invocations), not this
+process's; the best is over COMPLETE trials only (a pruned trial's last report is
+not a final value).
+"""
+from __future__ import annotations
+
+
+def progress_line(counts, n_trials: int, metric: str, best) -> str:
+    if best is not None:
+        best_part = f"best {metric} {best.value:.4g} (trial {best.number})"
+    else:
+        best_part = f"best {metric} - (no complete trial yet)"
+    return f"trial {counts.finished}/{n_trials} · {best_part} · {counts.pruned} pruned · {counts.failed} failed"
+
+
+def outcome_line(number: int, state: str, value: float | None = None, error: str | None = None, metric: str = "") -> str:
+    """One line about the trial that just ended, printed before the progress line."""
+    if state == "complete":
+        return f"  trial {number} complete: {metric} {value:.4g}"
+    if state == "pruned":
+        return f"  trial {number} pruned" + (f" at {metric or 'value'} {value:.4g}" if value is not None else "")
+    return f"  trial {number} failed: {error}"

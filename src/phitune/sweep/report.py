@@ -1,0 +1,115 @@
+"""What a sweep leaves when it ends: optimization_results.yaml and trials.csv in the
+sweep directory, and on the parent run the best value and params, the trials table
+and Optuna's plots."""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from phitune.sweep.study import (DISCARDED_ATTR, ERROR_ATTR, MLFLOW_RUN_ATTR, TOKENS_ATTR, best_trial,
+                                 superseded_numbers)
+
+
+def trials_table(study) -> list[dict]:
+    """One row per trial; retried ones say which trial re-ran them, discarded ones are left out."""
+    trials = study.get_trials(deepcopy=False)
+    gone = superseded_numbers(trials)
+    retried_by = {}
+    for t in trials:
+        for n in t.system_attrs.get("retry_history", []):
+            retried_by[n] = t.number
+    rows = []
+    for t in trials:
+        if t.user_attrs.get(DISCARDED_ATTR):
+            continue
+        rows.append({
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            **{f"params.{k}": v for k, v in t.params.items()},
+            "last_step": t.last_step,
+            "train_tokens": t.user_attrs.get(TOKENS_ATTR),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "retry_of": t.system_attrs.get("failed_trial"),
+            "retried_by": retried_by.get(t.number) if t.number in gone else None,
+            "mlflow_run_id": t.user_attrs.get(MLFLOW_RUN_ATTR),
+            "error": t.user_attrs.get(ERROR_ATTR),
+        })
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    import csv
+
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    return path
+
+
+def results_dict(study) -> dict:
+    """optimization_results.yaml, with the Hydra Optuna sweeper's keys first."""
+    best = best_trial(study)
+    out = {"name": "optuna",
+           "best_params": dict(best.params) if best else {},
+           "best_value": float(best.value) if best else None,
+           "study_name": study.study_name,
+           "best_trial": best.number if best else None}
+    return out
+
+
+def write_results(study, sweep_dir: Path, counts, n_trials: int, stop_reason: str | None) -> Path:
+    from omegaconf import OmegaConf
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    data = dict(results_dict(study), n_trials=n_trials,
+                trials={"complete": counts.complete, "pruned": counts.pruned, "failed": counts.failed},
+                train_tokens=counts.tokens, stopped=stop_reason)
+    path = sweep_dir / "optimization_results.yaml"
+    OmegaConf.save(OmegaConf.create(data), path)
+    write_csv(trials_table(study), sweep_dir / "trials.csv")
+    return path
+
+
+def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bool) -> dict[str, str]:
+    """Best value/params, the trials table, results YAML and plots on the parent run.
+    Returns {plot: why skipped}."""
+    from phitune.sweep.plots import save_plots
+
+    client, run_id = parent.client, parent.run_id
+    best = best_trial(study)
+    step = counts.finished
+    client.log_metric(run_id, "n_complete", counts.complete, step=step)
+    client.log_metric(run_id, "n_pruned", counts.pruned, step=step)
+    client.log_metric(run_id, "n_failed", counts.failed, step=step)
+    client.log_metric(run_id, "train_tokens_total", counts.tokens, step=step)
+    if best is not None and math.isfinite(best.value):
+        # Metrics and tags, not params: the best changes as a resumed sweep goes on.
+        client.log_metric(run_id, f"best_{metric}", float(best.value), step=step)
+        client.set_tag(run_id, "phitune.best_trial", str(best.number))
+        for k, v in best.params.items():
+            client.set_tag(run_id, f"best.{k}", str(v))
+        client.log_dict(run_id, {"best_trial": best.number, "best_value": best.value, "best_params": best.params},
+                        "best_params.json")
+    rows = trials_table(study)
+    client.log_text(run_id, json.dumps(rows, indent=1, default=str), "trials.json")
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(run_id, str(write_csv(rows, Path(tmp) / "trials.csv")))
+        results = sweep_dir / "optimization_results.yaml"
+        if results.exists():
+            client.log_artifact(run_id, str(results))
+        if plots:
+            files, skipped = save_plots(study, Path(tmp) / "plots", metric)
+            for f in files:
+                client.log_artifact(run_id, str(f), "plots")
+            if skipped:
+                client.log_dict(run_id, skipped, "plots/skipped.json")
+    return skipped

@@ -1,0 +1,297 @@
+"""The Optuna side of a sweep: storage, samplers, pruners, and what counts toward n_trials.
+
+The study is the single source of truth shared by every worker and every job:
+- user attr `phitune.pruner` holds the pruner spec, so a job (another process,
+  maybe another machine) rebuilds the same pruner for `Trial.should_prune()`;
+- user attr `phitune.parent_run_id` holds the MLflow parent run, so a resumed sweep
+  logs its children under the same parent;
+- a trial killed mid-run is FAILED and re-enqueued (WAITING, same params) with the
+  system attrs `failed_trial` / `retry_history` that Optuna's
+  RetryHeartbeatStaleTrialCallback uses, so Optuna's helpers read them too;
+- a trial asked after the study was already full (two workers racing for the last
+  slot) is FAILED with user attr `phitune.discarded` and never run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.distributions import BaseDistribution
+
+PRUNER_ATTR = "phitune.pruner"
+PARENT_RUN_ATTR = "phitune.parent_run_id"
+SPACE_ATTR = "phitune.search_space"
+N_TRIALS_ATTR = "phitune.n_trials"
+DISCARDED_ATTR = "phitune.discarded"
+ERROR_ATTR = "error"
+TOKENS_ATTR = "train_tokens"
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+
+# sqlite: wait this long (seconds) for another process's write lock instead of failing
+# with "database is locked": workers, jobs and heartbeats all write to one file.
+SQLITE_LOCK_TIMEOUT_S = 60
+
+
+def quiet_optuna() -> None:
+    """Optuna logs every trial at INFO and flags heartbeat APIs as experimental: the sweep prints its own lines."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # The sweeper drives heartbeats itself (ask/tell), which Optuna only expects from optimize().
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+
+
+# -- storage ---------------------------------------------------------------------------------
+
+def absolute_storage_url(url: str, base_dir: str | None = None) -> str:
+    """`sqlite:///mlruns/optuna.db` -> `sqlite:////abs/mlruns/optuna.db` (its folder created).
+
+    Jobs may run in another working directory (hydra.job.chdir, joblib workers), so
+    they get an absolute path. Other URLs are returned unchanged.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/") or url == prefix + ":memory:":
+        if url.startswith(prefix + "/"):
+            os.makedirs(os.path.dirname(url[len(prefix):]), exist_ok=True)
+        return url
+    path = os.path.abspath(os.path.join(base_dir or os.getcwd(), url[len(prefix):]))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return prefix + path
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for logs and MLflow params."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: show the scheme only
+        return url.split("://", 1)[0] + "://..."
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 stale_callback: Callable | None = None):
+    """An RDBStorage (with heartbeats when an interval is given); retried while another
+    process is creating the same database's tables."""
+    import optuna
+    import sqlalchemy.exc
+
+    quiet_optuna()
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_LOCK_TIMEOUT_S}
+    else:
+        engine_kwargs["pool_pre_ping"] = True  # a long sweep outlives idle server connections
+    kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
+    if heartbeat_interval:
+        kwargs.update(heartbeat_interval=int(heartbeat_interval), grace_period=int(grace_period or 2 * heartbeat_interval),
+                      heartbeat_stale_trial_callback=stale_callback)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)  # seconds; another worker is creating the schema
+        except sqlalchemy.exc.ArgumentError as exc:
+            raise PhituneError(f"hydra.sweeper.storage: not a database URL: {display_url(url)} ({exc})") from None
+        except ImportError as exc:
+            raise PhituneError(f"hydra.sweeper.storage {display_url(url)} needs a database driver: {exc}") from None
+    raise AssertionError("unreachable")
+
+
+# -- samplers and pruners --------------------------------------------------------------------
+
+SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+PRUNERS = ("median", "successive_halving", "hyperband", "threshold", "none")
+
+
+def make_sampler(conf, space: dict[str, "BaseDistribution"], trial_number: int | None = None):
+    """The sampler for one trial. tpe/random are stateless besides their RNG, so trial N
+    gets seed + N: a resumed or second worker does not replay earlier random draws."""
+    import optuna
+
+    quiet_optuna()  # QMC and others are flagged experimental
+    name = str(conf.name).lower()
+    seed = conf.seed
+    if seed is not None and trial_number is not None and name in ("tpe", "random"):
+        seed = int(seed) + int(trial_number)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(conf.n_startup_trials),
+                                          multivariate=bool(conf.multivariate), constant_liar=bool(conf.constant_liar))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        from phitune.sweep.space import grid_values
+
+        return optuna.samplers.GridSampler({k: grid_values(k, d) for k, d in space.items()}, seed=seed)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise PhituneError("sampler cmaes needs the `cmaes` package: pip install cmaes") from None
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=int(conf.n_startup_trials))
+    if name == "qmc":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise PhituneError("sampler qmc needs scipy: pip install scipy") from None
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    raise PhituneError(f"hydra.sweeper.sampler.name={name!r}: expected one of {', '.join(SAMPLERS)}")
+
+
+def grid_size(space: dict[str, "BaseDistribution"]) -> int:
+    from phitune.sweep.space import grid_values
+
+    return math.prod(len(grid_values(k, d)) for k, d in space.items())
+
+
+def pruner_spec(conf) -> dict:
+    """The pruner settings as plain JSON, stored on the study for jobs to rebuild."""
+    name = str(conf.name).lower()
+    if name in ("nop", "null", "off", "false"):
+        name = "none"
+    if name not in PRUNERS:
+        raise PhituneError(f"hydra.sweeper.pruner.name={name!r}: expected one of {', '.join(PRUNERS)}")
+    if name == "median":
+        return {"name": name, "n_startup_trials": int(conf.n_startup_trials), "n_warmup_steps": int(conf.n_warmup_steps),
+                "interval_steps": int(conf.interval_steps)}
+    if name == "successive_halving":
+        return {"name": name, "min_resource": _resource(conf.min_resource), "reduction_factor": int(conf.reduction_factor),
+                "min_early_stopping_rate": int(conf.min_early_stopping_rate)}
+    if name == "hyperband":
+        return {"name": name, "min_resource": int(conf.min_resource) if str(conf.min_resource) != "auto" else 1,
+                "max_resource": _resource(conf.max_resource), "reduction_factor": int(conf.reduction_factor)}
+    if name == "threshold":
+        if conf.lower is None and conf.upper is None:
+            raise PhituneError("hydra.sweeper.pruner.name=threshold needs pruner.lower or pruner.upper")
+        return {"name": name, "lower": None if conf.lower is None else float(conf.lower),
+                "upper": None if conf.upper is None else float(conf.upper), "n_warmup_steps": int(conf.n_warmup_steps)}
+    return {"name": "none"}
+
+
+def _resource(value) -> Any:
+    return "auto" if str(value) == "auto" else int(value)
+
+
+def build_pruner(spec: dict | None):
+    """pruner_spec(...) -> an Optuna pruner. A study without a spec (not created by phitune) is not pruned."""
+    import optuna
+
+    spec = dict(spec or {"name": "none"})
+    name = spec.pop("name", "none")
+    if name == "median":
+        return optuna.pruners.MedianPruner(**spec)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**spec)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(**spec)
+    if name == "threshold":
+        return optuna.pruners.ThresholdPruner(**spec)
+    return optuna.pruners.NopPruner()
+
+
+def describe_sampler(conf) -> str:
+    name = str(conf.name).lower()
+    extra = f"seed={conf.seed}" if conf.seed is not None else "seed=none"
+    if name in ("tpe", "cmaes"):
+        extra += f", n_startup_trials={conf.n_startup_trials}"
+    return f"{name}({extra})"
+
+
+def describe_pruner(spec: dict) -> str:
+    rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}({rest})"
+
+
+# -- trials: retries, counts -----------------------------------------------------------------
+
+def retry_callback(max_retries: int) -> Callable:
+    """Called with each trial that was FAILED as stale or interrupted: enqueue the same
+    params again (WAITING) unless it was already retried max_retries times."""
+
+    def retry(study: "optuna.Study", trial) -> None:
+        import optuna
+
+        history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
+        if len(history) > max_retries:
+            return
+        # Copied as a whole: the grid sampler finds its `grid_id` again.
+        system_attrs = dict(trial.system_attrs, failed_trial=history[0], retry_history=history)
+        user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (TOKENS_ATTR, ERROR_ATTR, MLFLOW_RUN_ATTR)}
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=user_attrs, system_attrs=system_attrs))
+
+    return retry
+
+
+@dataclass
+class Counts:
+    """The study's trials as the sweep counts them (retried and discarded trials left out)."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    tokens: int = 0  # training tokens over every trial, including retried and running ones
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def allocated(self) -> int:
+        return self.finished + self.running + self.waiting
+
+
+def superseded_numbers(trials) -> set[int]:
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def counted(trials) -> list:
+    """Trials that take a slot of n_trials: not discarded, not replaced by a retry."""
+    gone = superseded_numbers(trials)
+    return [t for t in trials if t.number not in gone and not t.user_attrs.get(DISCARDED_ATTR)]
+
+
+def count_trials(trials) -> Counts:
+    from optuna.trial import TrialState
+
+    c = Counts()
+    for t in counted(trials):
+        if t.state == TrialState.COMPLETE:
+            c.complete += 1
+        elif t.state == TrialState.PRUNED:
+            c.pruned += 1
+        elif t.state == TrialState.FAIL:
+            c.failed += 1
+        elif t.state == TrialState.RUNNING:
+            c.running += 1
+        elif t.state == TrialState.WAITING:
+            c.waiting += 1
+    c.tokens = sum(int(t.user_attrs.get(TOKENS_ATTR) or 0) for t in trials)
+    return c
+
+
+def slot_of(trials, number: int) -> int:
+    """0-based position of trial `number` among the counted trials (by trial number)."""
+    return sum(1 for t in counted(trials) if t.number < number)
+
+
+def best_trial(study):
+    """The best COMPLETE trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
