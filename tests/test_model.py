@@ -248,6 +248,14 @@ def test_training_method_errors(tiny_model_cfg):
         loader.apply_training_method(model, train_cfg("lora", target_modules=["q_proj", "v_proj"]), tiny_model_cfg)
 
 
+def test_lora_all_linear_shorthand(tiny_model_cfg):
+    model = loader.apply_training_method(
+        loader.load_model(tiny_model_cfg), train_cfg("lora", target_modules=["all-linear"]), tiny_model_cfg
+    )
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # not lm_head
+
+
 def test_lora_adapter_round_trips_through_load_for_inference(tmp_path, tiny_model_cfg, tiny_tokenizer):
     model = loader.apply_training_method(
         loader.load_model(tiny_model_cfg), train_cfg("lora", rank=4, alpha=8, dropout=0.0), tiny_model_cfg

@@ -16,6 +16,7 @@ that `apply_chat_template(tokenize=True)` and generation see.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -52,15 +53,28 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
     return text
 
 
-def _end_of_turn_ids(tokenizer) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+_TOKEN_SETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _token_sets(tokenizer) -> tuple[set[int], set[int]]:
+    """(end-of-turn ids, special ids) of a tokenizer, cached: get_vocab() copies the
+    whole vocabulary (~40 ms for Phi-3's 32k tokens), too slow to repeat per example."""
+    try:
+        return _TOKEN_SETS[tokenizer]
+    except (KeyError, TypeError):
+        pass
     vocab = tokenizer.get_vocab()
-    for tok in _END_OF_TURN_TOKENS:
-        if tok in vocab:
-            ids.add(int(vocab[tok]))
-    return ids
+    stop = {int(vocab[t]) for t in _END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        stop.add(int(tokenizer.eos_token_id))
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    try:
+        _TOKEN_SETS[tokenizer] = (stop, special)
+    except TypeError:  # not weak-referenceable: just don't cache
+        pass
+    return stop, special
 
 
 def _is_trained(message: Mapping[str, Any]) -> bool:
@@ -112,10 +126,7 @@ def encode_example(tokenizer, messages: Sequence[Mapping[str, Any]], max_len: in
     ids: list[int] = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
-    stop_ids = _end_of_turn_ids(tokenizer)
-    special_ids = set(tokenizer.all_special_ids) | {
-        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
-    }
+    stop_ids, special_ids = _token_sets(tokenizer)
 
     spans = _assistant_spans(tokenizer, msgs, full, trained) if any(trained) else []
     t = 0

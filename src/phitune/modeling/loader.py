@@ -142,8 +142,12 @@ def apply_training_method(model, train_cfg, model_cfg):
     targets = _get(lora, "target_modules") or _get(model_cfg, "lora_target_modules")
     if not targets:
         raise PhituneError("LoRA needs target modules: set train.lora.target_modules or model.lora_target_modules")
+    targets = list(targets)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
+    if targets == ["all-linear"]:
+        # peft's shorthand for every linear layer but the output head (other architectures)
+        targets, missing = "all-linear", []
     if missing:
         raise PhituneError(
             f"LoRA target modules {missing} are not in {type(model).__name__} "
@@ -153,7 +157,7 @@ def apply_training_method(model, train_cfg, model_cfg):
         r=int(_get(lora, "rank", 8)),
         lora_alpha=int(_get(lora, "alpha", 16)),
         lora_dropout=float(_get(lora, "dropout", 0.0)),
-        target_modules=list(targets),
+        target_modules=targets,
         bias=_get(lora, "bias", "none"),
         task_type=TaskType.CAUSAL_LM,
     )
