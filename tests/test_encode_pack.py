@@ -102,6 +102,11 @@ def test_other_templates_label_content_and_closing_token(tiny_tokenizer):
     with pytest.raises(PhituneError, match="changes the assistant's text"):
         encode_example(tok, CONVERSATION[:3], max_len=1024)
 
+    # A template that refuses a conversation: a PhituneError, not a jinja traceback.
+    tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(PhituneError, match="roles must alternate"):
+        encode_example(tok, CONVERSATION[:3], max_len=1024)
+
 
 def test_every_sample_example_has_trainable_tokens(tiny_tokenizer, repo_root):
     path = repo_root / "data" / "support_train.jsonl"

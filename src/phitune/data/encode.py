@@ -47,13 +47,18 @@ def _template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:  # e.g. templates that `raise_exception` on role order
+        raise PhituneError(f"the chat template rejects this conversation: {exc}") from exc
     if not isinstance(text, str):  # some versions return a list for batched input
         raise PhituneError("chat template rendering did not return a string")
     return text
 
 
-_TOKEN_SETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOKEN_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _token_sets(tokenizer) -> tuple[set[int], set[int]]:
