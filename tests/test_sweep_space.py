@@ -102,3 +102,20 @@ def test_grid_values():
     assert grid_values("c", CategoricalDistribution(["x", "y"])) == ["x", "y"]
     with pytest.raises(SearchSpaceError, match="'d' is continuous"):
         grid_values("d", FloatDistribution(0.0, 1.0))
+
+
+def test_backend_azureml_hands_the_sweep_to_azure(monkeypatch):
+    import phitune.azure.sweep_job as sweep_job
+    from phitune.sweep.driver import SweepContext, run_sweep
+
+    calls = []
+    monkeypatch.setattr(sweep_job, "submit_sweep", lambda config, params, sweeper_cfg, overrides=None:
+                        calls.append((config, params, sweeper_cfg, overrides)) or "submitted")
+    settings = OmegaConf.create({"params": {"train.epochs": "range(1, 4)", "train.max_steps": "5"}, "n_trials": 8})
+    config = OmegaConf.create({"backend": {"name": "azureml"}, "train": {"epochs": 3}, "hydra": {"sweep": {"dir": "x"}}})
+    ctx = SweepContext(settings=settings, config=config, launcher=None, validate=None)
+    assert run_sweep(ctx, ["train.batch_size_multiplier=choice(1,2)", "seed=3"]) == "submitted"
+    task_cfg, params, sweeper_cfg, overrides = calls[0]
+    assert "hydra" not in task_cfg and task_cfg.backend.name == "azureml"
+    assert params == {"train.epochs": "range(1, 4)", "train.batch_size_multiplier": "choice(1,2)"}
+    assert sweeper_cfg.n_trials == 8 and overrides == ["train.max_steps=5", "seed=3"]

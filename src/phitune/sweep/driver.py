@@ -138,8 +138,9 @@ def _submit_to_azure(ctx: SweepContext, plan: SweepPlan):
         raise PhituneError("backend=azureml: sweeps on Azure ML need phitune.azure.sweep_job, "
                            "which this installation does not have") from None
     task_cfg = OmegaConf.masked_copy(ctx.config, [k for k in ctx.config.keys() if k != "hydra"])
-    # Fixed command-line values (train.max_steps=5) are already in task_cfg.
-    return submit_sweep(task_cfg, dict(plan.space_text), ctx.settings)
+    # plan.fixed: the command line's plain overrides plus the sweep file's plain params,
+    # which every Azure trial must get too.
+    return submit_sweep(task_cfg, dict(plan.space_text), ctx.settings, overrides=list(plan.fixed))
 
 
 def _validate(ctx: SweepContext, plan: SweepPlan) -> None:
