@@ -212,3 +212,47 @@ def test_bad_data_stops_before_any_run(tmp_path, small_data):
     assert r.returncode == 1
     assert f"{bad}:2:" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_a_chat(trained_run):
+    """The logged model is a standard MLflow model: `mlflow models serve --env-manager local` serves it."""
+    import json as _json
+    import urllib.request
+
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    # mlflow execs `uvicorn` from PATH: as in an activated venv
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{trained_run['tmp']}/mlruns/mlflow.db",
+               PATH=f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", f"runs:/{trained_run['run'].info.run_id}/model",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-6000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        body = _json.dumps({"messages": [{"role": "user", "content": "Can I get a refund?"}], "max_tokens": 8,
+                            "temperature": 0.0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        reply = _json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert reply["choices"][0]["message"]["role"] == "assistant"
+        assert reply["usage"]["completion_tokens"] >= 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
