@@ -27,6 +27,10 @@ def register(subparsers) -> None:
     v.add_argument("--quiet", "-q", action="store_true", help="print errors only: no warnings, no summary")
     v.add_argument("--max-problems", type=int, default=200, metavar="N",
                    help="print at most N problems, then a count of the rest (default: 200)")
+    v.add_argument("--safety", action="store_true",
+                   help="also screen every message with the content filter: flagged examples print as "
+                        "FILE:LINE: category severity and make the file not usable (exit 1)")
+    v.add_argument("--safety-config", metavar="YAML", help="content-filter settings for --safety (default: local, medium)")
     v.set_defaults(data_func=_validate)
 
     def dispatch(args) -> int:
@@ -96,9 +100,21 @@ def _validate(args) -> int:
         total = report.n_errors + (0 if args.quiet else report.n_warnings)
         if total > shown:
             print(f"... and {total - shown} more")
+        flagged = _safety(args) if args.safety and report.readable else 0
         if not args.quiet and report.readable:
             print(report.format_summary())
         sys.stdout.flush()
     except BrokenPipeError:  # `phitune data validate big.jsonl | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0 if report.ok else 1
+        flagged = 0
+    except PhituneError as exc:  # a bad --safety-config, an unreachable Azure filter
+        print(f"phitune data validate: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report.ok and not flagged else 1
+
+
+def _safety(args) -> int:
+    """Issue 5's content-filter screen (phitune.safety.screen); returns the number of flagged examples."""
+    from phitune.safety.screen import print_file_screen
+
+    return print_file_screen(args.file, args.safety_config)

@@ -1,0 +1,133 @@
+"""`phitune serve MODEL_URI`: an OpenAI-compatible endpoint with auth, a content filter
+and a deployment record.
+
+    phitune serve models:/support-bot@champion                  # http://127.0.0.1:8000/v1
+    PHITUNE_API_KEY=... phitune serve models:/support-bot/3 --port 8080
+    phitune serve runs:/<RUN_ID>/model --content-filter azure   # Azure AI Content Safety
+    phitune serve models:/support-bot@champion --safety-config conf/safety/strict.yaml
+"""
+from __future__ import annotations
+
+import sys
+
+from phitune.errors import PhituneError
+
+
+def add_filter_arguments(parser) -> None:
+    g = parser.add_argument_group("content filter (Azure AI Content Safety's categories: hate, sexual, violence, self_harm)")
+    g.add_argument("--content-filter", choices=["local", "azure", "off"],
+                   help="backend: local blocklists/patterns (default), azure (AZURE_CONTENT_SAFETY_ENDPOINT/_KEY), or off")
+    g.add_argument("--safety-config", metavar="YAML", help="content-filter settings (see conf/safety/default.yaml)")
+    g.add_argument("--block-at", choices=["low", "medium", "high", "off"],
+                   help="block every category from this severity up (default: medium)")
+    g.add_argument("--threshold", action="append", default=[], metavar="CATEGORY=LEVEL",
+                   help="per-category threshold, e.g. --threshold violence=high (repeatable; LEVEL: low|medium|high|off)")
+
+
+def filters_from_args(args):
+    """(prompt filter, completion filter) from the content-filter flags."""
+    from phitune.safety.filter import build_filters, load_safety_config
+
+    overrides: dict = {}
+    if args.content_filter:
+        overrides["backend"] = args.content_filter
+    if args.block_at:
+        overrides["block_at"] = args.block_at
+    thresholds = {}
+    for item in args.threshold:
+        cat, sep, level = item.partition("=")
+        if not sep or not cat or not level:
+            raise PhituneError(f"--threshold {item!r}: expected CATEGORY=LEVEL, e.g. violence=high")
+        thresholds[cat.strip()] = level.strip()
+    if thresholds:
+        overrides["thresholds"] = thresholds
+    return build_filters(load_safety_config(args.safety_config, overrides))
+
+
+def describe_filter(prompt_filter, completion_filter) -> str:
+    if not prompt_filter.enabled and not completion_filter.enabled:
+        return "off"
+    parts = []
+    for what, f in (("prompts", prompt_filter), ("completions", completion_filter)):
+        if f.enabled:
+            th = {c: {2: "low", 4: "medium", 6: "high"}.get(t, "off") for c, t in f.thresholds.items()}
+            levels = set(th.values())
+            shown = f"blocking at {levels.pop()}" if len(levels) == 1 else ", ".join(f"{c}>={v}" for c, v in th.items())
+            parts.append(f"{what}: {f.backend_name}, {shown}")
+    return "; ".join(parts)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("model_uri", metavar="MODEL_URI",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="file whose first line is the API key (else $PHITUNE_API_KEY, else a key is generated and printed once)")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--served-name", help="model id in responses and /v1/models (default: the registered model's name)")
+    p.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="requests that may wait behind the running one; more get 429 (default: 16)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="per-request limit, waiting included; then 504 (default: 120)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger bodies get 413 (default: 1000000)")
+    p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                   help="max_tokens when a request sets none (default: 256)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_filter_arguments(p)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    try:
+        return _run(args)
+    except PhituneError as exc:
+        print(f"phitune serve: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _run(args) -> int:
+    from phitune.serving import model_source
+    from phitune.serving.app import ServerSettings, build_app
+    from phitune.serving.auth import resolve_api_key
+    from phitune.serving.server import bind, record_local_deployment, serve_forever, url_for, warn_if_exposed
+
+    if not 0 <= args.port <= 65535:
+        raise PhituneError(f"--port {args.port}: expected 0-65535")
+    for flag, value in (("--max-queue", args.max_queue), ("--max-body-bytes", args.max_body_bytes),
+                        ("--default-max-tokens", args.default_max_tokens)):
+        if value < (0 if flag == "--max-queue" else 1):
+            raise PhituneError(f"{flag} {value}: too small")
+    if args.timeout <= 0:
+        raise PhituneError(f"--timeout {args.timeout}: must be positive")
+    prompt_filter, completion_filter = filters_from_args(args)  # a bad filter config fails before the model loads
+    key, key_source = resolve_api_key(args.api_key_file)
+    tracking_uri = model_source.tracking_uri_or_default(args.tracking_uri)
+
+    print(f"loading {args.model_uri} ...", file=sys.stderr, flush=True)
+    source = model_source.resolve(args.model_uri, tracking_uri)
+    generator = model_source.load_generator(source)
+    settings = ServerSettings(
+        model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
+        model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
+    app = build_app(generator, key, settings, prompt_filter, completion_filter)
+
+    sock = bind(args.host, args.port)
+    warn_if_exposed(args.host)
+    url = url_for(sock, args.host)
+    filter_text = describe_filter(prompt_filter, completion_filter)
+    record = record_local_deployment(source, url, tracking_uri, filter_text)
+    version = f" version {source.model_version}" if source.model_version else ""
+    print(f"serving {args.model_uri} ({source.served_name}{version}) at {url}/v1", flush=True)
+    print(f"  deployment {record['id']}: `phitune deployments list`, `phitune undeploy {record['id']}`", flush=True)
+    print(f"  content filter: {filter_text}", flush=True)
+    if key_source == "generated":
+        print(f"  API key (generated; shown once, set PHITUNE_API_KEY to choose one): {key}", flush=True)
+    else:
+        print(f"  API key: from {'--api-key-file' if key_source == 'file' else '$PHITUNE_API_KEY'}", flush=True)
+    print(f"  try: phitune chat --url {url} --prompt 'Hello'", flush=True)
+    serve_forever(app, sock, args.log_level)
+    return 0
