@@ -1,0 +1,139 @@
+"""Tracking store access shared by compare, promote and models."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from phitune.errors import PhituneError
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_EXPERIMENT = "phitune"
+TRIAL_TAG = "phitune.trial_number"
+STATE_TAG = "phitune.trial_state"
+ROLE_TAG = "phitune.role"  # "sweep" on a sweep's parent run, "eval" on an evaluation run
+EVAL_OF_TAG = "phitune.eval_of"
+# phitune.trial_state (set by the sweeper) -> leaderboard state
+_TRIAL_STATES = {"complete": "finished", "pruned": "pruned", "failed": "failed", "killed": "killed"}
+_RUN_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed", "RUNNING": "running",
+               "SCHEDULED": "running"}
+# name fragments -> direction, checked in order; anything else needs --direction
+_DIRECTIONS = (("loss", "min"), ("perplexity", "min"), ("objective", "min"), ("accuracy", "max"), ("f1", "max"),
+               ("exact_match", "max"), ("rouge", "max"), ("bleu", "max"))
+
+
+def tracking_uri(explicit: Optional[str] = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else phitune's default sqlite store."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def client_for(uri: str):
+    """MlflowClient on `uri` (also set as mlflow's tracking URI). A sqlite store that does
+    not exist yet is an error, not a new empty database."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise PhituneError(f"no MLflow store at {db} (tracking URI {uri}): train something first "
+                               "(python train.py), or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def direction_for(metric: str, explicit: Optional[str] = None) -> str:
+    """"min" or "max": lower is better for *loss / perplexity, higher for *accuracy, F1, ..."""
+    if explicit:
+        d = {"min": "min", "minimize": "min", "lower": "min", "max": "max", "maximize": "max",
+             "higher": "max"}.get(explicit.lower())
+        if d is None:
+            raise PhituneError(f"--direction {explicit}: expected min or max")
+        return d
+    name = metric.lower()
+    for fragment, direction in _DIRECTIONS:
+        if fragment in name:
+            return direction
+    raise PhituneError(f"metric {metric}: is lower or higher better? say --direction min or --direction max")
+
+
+def better(a: float, b: float, direction: str) -> bool:
+    return a < b if direction == "min" else a > b
+
+
+def run_state(run) -> str:
+    """finished | pruned | failed | killed | running (a sweep's tag wins over the run status)."""
+    tag = run.data.tags.get(STATE_TAG)
+    if tag in _TRIAL_STATES:
+        state = _TRIAL_STATES[tag]
+        # a trial tagged complete whose run still failed to end cleanly counts as that
+        return state if state != "finished" or run.info.status == "FINISHED" else _RUN_STATUS.get(run.info.status, "failed")
+    return _RUN_STATUS.get(run.info.status, run.info.status.lower())
+
+
+def trial_number(run) -> Optional[int]:
+    value = run.data.tags.get(TRIAL_TAG)
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def is_training_run(run) -> bool:
+    """Not a sweep's parent and not an evaluation run."""
+    tags = run.data.tags
+    return tags.get(ROLE_TAG) not in ("sweep", "eval") and EVAL_OF_TAG not in tags
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise PhituneError(f"no experiment {name!r} in the tracking store"
+                           + (f" (there are: {', '.join(known)})" if known else " (it has no experiments yet)"))
+    return exp.experiment_id
+
+
+def search_all(client, experiment_ids: list, filter_string: str = "", order_by=None) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def resolve_sweep(client, sweep: str, experiment: Optional[str]):
+    """A sweep's parent run: its id, or `latest` = the newest sweep in the experiment."""
+    from mlflow.exceptions import MlflowException
+
+    if sweep == "latest":
+        exp_id = experiment_id(client, experiment or DEFAULT_EXPERIMENT)
+        parents = client.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        if not parents:
+            raise PhituneError(f"no sweep in experiment {experiment or DEFAULT_EXPERIMENT!r} (python train.py -m starts one)")
+        return parents[0]
+    try:
+        return client.get_run(sweep)
+    except MlflowException:
+        raise PhituneError(f"--sweep {sweep}: no such run in the tracking store") from None
+
+
+def select_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
+                run: Optional[str] = None) -> tuple[list, Optional[object]]:
+    """(training runs, the sweep's parent run or None) for one of --run, --sweep, --experiment."""
+    from mlflow.exceptions import MlflowException
+
+    if run:
+        try:
+            return [client.get_run(run)], None
+        except MlflowException:
+            raise PhituneError(f"--run {run}: no such run in the tracking store") from None
+    if sweep:
+        parent = resolve_sweep(client, sweep, experiment)
+        children = search_all(client, [parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        return [r for r in children if is_training_run(r)], parent
+    exp_id = experiment_id(client, experiment or DEFAULT_EXPERIMENT)
+    return [r for r in search_all(client, [exp_id]) if is_training_run(r)], None
