@@ -157,3 +157,15 @@ def test_budget_token_and_timeout():
     assert spent(800, time.monotonic(), max_total_tokens=800).startswith("token budget spent (800 of 800")
     assert spent(0, time.monotonic() - 5, timeout=5) == "timeout reached (5 s)"
     assert spent(0, time.monotonic(), timeout=60) is None
+
+
+def test_a_storage_password_reaches_jobs_through_the_environment(monkeypatch):
+    monkeypatch.delenv(st.STORAGE_ENV, raising=False)
+    assert st.job_storage_ref("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    url = "postgresql://sweeper:s3cret-pw@db.example:5432/optuna"
+    ref = st.job_storage_ref(url)
+    assert "s3cret" not in ref and ref == f"env:{st.STORAGE_ENV}"  # what Hydra logs and MLflow records
+    assert st.resolve_storage_ref(ref) == url
+    monkeypatch.delenv(st.STORAGE_ENV)
+    with pytest.raises(PhituneError, match=f"{st.STORAGE_ENV} is not set"):
+        st.resolve_storage_ref(ref)

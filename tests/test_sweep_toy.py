@@ -85,6 +85,33 @@ def test_sweep_killed_mid_trial_resumes_without_repeating_trials(tmp_path):
     assert killed[0].info.status == "KILLED" and killed[0].data.tags["phitune.trial_state"] == "killed"
 
 
+def test_ctrl_c_requeues_the_running_trial_for_the_next_run(tmp_path):
+    s = make_stores(tmp_path)
+    cmd = toy_cmd(*s.overrides(), "hydra.sweeper.n_trials=2", "toy.sleep_s=0.3", "hydra.sweeper.plots=false")
+    proc = popen(cmd, tmp_path / "first.log")
+    deadline = time.monotonic() + 90
+    while "start 1" not in " ".join(s.trace_lines()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    log = (tmp_path / "first.log").read_text()
+    assert "interrupted: the running trial(s) were recorded FAILED and queued again" in log and "Traceback" not in log
+    trials = load_study(s).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].user_attrs["error"].startswith("interrupted") and trials[2].params == trials[1].params
+
+    res = run(cmd)  # no grace period to wait for: the interrupted trial is already queued
+    assert res.returncode == 0, res.stdout + res.stderr
+    trials = load_study(s).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert "waiting for" not in res.stdout
+    parents, children = runs(s)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    interrupted = [c for c in children if c.data.tags["phitune.trial_number"] == "1"][0]
+    assert interrupted.info.status == "KILLED" and interrupted.data.tags["phitune.trial_state"] == "killed"
+
+
 def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(tmp_path):
     s = make_stores(tmp_path)
     # A threshold of 0 prunes every trial at its first report (the toy's loss is > 0).

@@ -64,6 +64,9 @@ def main(cfg: DictConfig) -> float:
         mlflow.end_run("FAILED")
         _trace(cfg, f"failed {number}")
         raise
+    except KeyboardInterrupt:  # as phitune's TrackedRun: Ctrl-C ends the run KILLED
+        mlflow.end_run("KILLED")
+        raise
     mlflow.end_run("FINISHED")
     _trace(cfg, f"end {number}")
     return loss

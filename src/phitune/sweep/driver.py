@@ -177,7 +177,11 @@ class Sweep:
         if not self.s.storage:
             raise PhituneError("hydra.sweeper.storage must be a database URL (e.g. sqlite:///mlruns/optuna.db): "
                                "each job reaches its trial through it")
+        if ":memory:" in str(self.s.storage):
+            raise PhituneError("hydra.sweeper.storage: an in-memory database cannot be shared with the jobs; "
+                               "use a file (sqlite:///mlruns/optuna.db) or a database server")
         self.url = st.absolute_storage_url(str(self.s.storage))
+        self.job_storage = st.job_storage_ref(self.url)  # `env:NAME` if the URL has a password
         self.pruner_spec = st.pruner_spec(self.s.pruner)
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
@@ -361,7 +365,7 @@ class Sweep:
         ov = list(self.plan.fixed)
         for name in self.plan.space:
             ov.append(f"{self.plan.launch_keys[name]}={sp.format_value(trial.params[name])}")
-        return ov + _trial_overrides(self.url, self.study_name, trial.number, self.parent.run_id)
+        return ov + _trial_overrides(self.job_storage, self.study_name, trial.number, self.parent.run_id)
 
     def _launch(self, batch: list) -> None:
         numbers = [t.number for t in batch]
@@ -454,6 +458,7 @@ class Sweep:
                 trial.set_user_attr(st.ERROR_ATTR, "interrupted (Ctrl-C or SIGTERM)")
                 self._tell(trial, optuna.trial.TrialState.FAIL)
                 self.retry(self.study, self._frozen(number))
+                self.parent.mark_child(self.parent.find_child(number), "killed")
             except Exception as exc:  # the storage may be what hung; the heartbeat will time out instead
                 print(f"  trial {number}: could not record the interruption ({exc})", file=sys.stderr)
         try:

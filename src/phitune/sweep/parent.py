@@ -104,7 +104,8 @@ class ParentRun:
         if STATE_TAG not in run.data.tags:
             self.client.set_tag(run.info.run_id, STATE_TAG, state)
         if run.info.status == "RUNNING":
-            self.client.set_terminated(run.info.run_id, status="FINISHED" if state != "failed" else "FAILED")
+            status = {"failed": "FAILED", "killed": "KILLED"}.get(state, "FINISHED")
+            self.client.set_terminated(run.info.run_id, status=status)
 
     def close_orphans(self, finished_numbers: set[int]) -> int:
         """End child runs left RUNNING by a killed worker (SIGKILL ends no run) whose trial

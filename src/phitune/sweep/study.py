@@ -68,6 +68,37 @@ def absolute_storage_url(url: str, base_dir: str | None = None) -> str:
     return prefix + path
 
 
+# A storage URL with a password reaches the jobs through this environment variable,
+# never as an override: overrides are logged by Hydra and end up in MLflow params.
+STORAGE_ENV = "PHITUNE_TRIAL_STORAGE_URL"
+ENV_PREFIX = "env:"
+
+
+def job_storage_ref(url: str) -> str:
+    """What the sweeper passes as trial.storage: the URL itself, or `env:NAME` when it
+    carries a password (the URL is then put in NAME for this process and its children)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        has_password = make_url(url).password is not None
+    except Exception:
+        has_password = False
+    if not has_password:
+        return url
+    os.environ[STORAGE_ENV] = url
+    return ENV_PREFIX + STORAGE_ENV
+
+
+def resolve_storage_ref(ref: str) -> str:
+    if not ref.startswith(ENV_PREFIX):
+        return ref
+    name = ref[len(ENV_PREFIX):]
+    if not os.environ.get(name):
+        raise PhituneError(f"trial.storage={ref}: the environment variable {name} is not set in this job "
+                           "(the sweeper sets it for the jobs it launches)")
+    return os.environ[name]
+
+
 def display_url(url: str) -> str:
     """The URL without its password, for logs and MLflow params."""
     try:

@@ -39,9 +39,10 @@ class TrialReporter:
                                "the sweeper sets all three (don't set them by hand)")
         import optuna
 
-        from phitune.sweep.study import PRUNER_ATTR, build_pruner, display_url
+        from phitune.sweep.study import PRUNER_ATTR, build_pruner, display_url, resolve_storage_ref
 
-        storage = _storage(str(url))
+        url = resolve_storage_ref(str(url))
+        storage = _storage(url)
         try:
             # The job never samples: a RandomSampler keeps load_study cheap.
             study = optuna.load_study(study_name=str(name), storage=storage, sampler=optuna.samplers.RandomSampler())

@@ -1,0 +1,136 @@
+"""Sweep pruning: a 16-trial sweep with the median pruner against the same sweep without.
+
+    python bench/sweep_pruning.py                       # 2 sweeps x 16 trials on the tiny Phi-3
+    python bench/sweep_pruning.py --trials 6 --max-steps 6     (a quick look)
+    python bench/sweep_pruning.py --keep /tmp/pruning          (keep the stores to inspect)
+
+Both sweeps run `python train.py -m` (phitune's sweeper, Hydra's basic launcher) with
+the same search space, sampler and seed; only hydra.sweeper.pruner differs:
+
+- model: the builtin tiny Phi-3; data: data/support_train.jsonl / support_valid.jsonl;
+- space: train.learning_rate_multiplier = tag(log, interval(0.1, 10)),
+  train.lora.rank = choice(4, 8, 16); fixed: 1 epoch capped at --max-steps optimizer
+  steps of 8 examples (batch_size_multiplier 1), valid_loss reported every
+  --eval-steps steps;
+- sampler: TPE, seed --seed, 5 random start-up trials;
+- pruned: median pruner, no pruning before 4 trials completed, a trial can be pruned
+  from its first report on; unpruned: pruner none.
+
+Measured per sweep: training tokens processed (the sum of every trial's
+`train_tokens`, which the job reports to its trial), wall time of the command, and
+the best full_valid_loss (the objective: the final full validation loss of a
+trial). Tokens and losses are deterministic for a seed; wall time depends on the
+machine's load (printed with it).
+
+Target (issue 3): the pruned best within 2% of the unpruned best, for at most 60% of
+the unpruned sweep's training tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = ["train.learning_rate_multiplier=tag(log, interval(0.1, 10.0))", "train.lora.rank=choice(4, 8, 16)"]
+PRUNERS = {
+    "median": ["hydra.sweeper.pruner.name=median", "hydra.sweeper.pruner.n_startup_trials=4",
+               "hydra.sweeper.pruner.n_warmup_steps=0"],
+    "none": ["hydra.sweeper.pruner.name=none"],
+}
+
+
+def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
+    work = root / label
+    work.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{work}/optuna.db"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m",
+           f"hydra.sweeper.storage={storage}", f"tracking.uri=sqlite:///{work}/mlruns/mlflow.db",
+           f"hydra.sweep.dir={work}/multirun", "hydra.sweeper.study_name=bench",
+           f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.sampler.seed={args.seed}",
+           "hydra.sweeper.sampler.name=tpe", "hydra.sweeper.sampler.n_startup_trials=5", "hydra.sweeper.plots=false",
+           *pruner, *SPACE,
+           "train.batch_size_multiplier=1", "train.epochs=1", f"train.max_steps={args.max_steps}",
+           f"train.eval_steps={args.eval_steps}", "train.progress=false", "tracking.log_model=false",
+           f"data.train_file={REPO}/data/support_train.jsonl", f"data.validation_file={REPO}/data/support_valid.jsonl"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PHITUNE_ROOT=str(REPO))
+    log = work / "sweep.log"
+    print(f"[{label}] python train.py -m ... (log: {log})", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if line.startswith(("trial ", "  trial ")):
+                print(f"[{label}] {line.rstrip()}", flush=True)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        sys.exit(f"[{label}] the sweep failed (exit {rc}); see {log}")
+    return dict(summarize(storage), wall_s=wall, label=label)
+
+
+def summarize(storage: str) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="bench", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    best = study.best_trial
+    return {
+        "tokens": sum(int(t.user_attrs.get("train_tokens") or 0) for t in trials),
+        "best": best.value, "best_trial": best.number, "best_params": best.params,
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "steps": sum(t.last_step or 0 for t in trials),
+    }
+
+
+def report(pruned: dict, full: dict, args) -> dict:
+    tokens_ratio = pruned["tokens"] / full["tokens"]
+    gap = (pruned["best"] - full["best"]) / full["best"]  # > 0: the pruned sweep's best is worse
+    wall_ratio = pruned["wall_s"] / full["wall_s"]
+    print()
+    print(f"{args.trials} trials, {args.max_steps} steps max, valid_loss every {args.eval_steps} steps, seed {args.seed}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'':10} {'tokens':>10} {'wall s':>8} {'best full_valid_loss':>21} {'complete':>9} {'pruned':>7}")
+    for r in (full, pruned):
+        print(f"{r['label']:10} {r['tokens']:>10,} {r['wall_s']:>8.0f} {r['best']:>21.4f} {r['complete']:>9} {r['pruned']:>7}")
+    print(f"pruned / unpruned: tokens {tokens_ratio:.2f}, wall {wall_ratio:.2f}, best {gap:+.2%}")
+    ok = tokens_ratio <= 0.60 and gap <= 0.02
+    print(f"target (best within 2% for at most 60% of the tokens): {'met' if ok else 'NOT met'}")
+    return {"tokens_ratio": tokens_ratio, "wall_ratio": wall_ratio, "best_gap": gap, "target_met": ok}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=12, help="optimizer steps per trial (8 examples each)")
+    p.add_argument("--eval-steps", type=int, default=3, help="valid_loss report interval, in optimizer steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=Path, default=None, help="folder for the stores and logs (default: a temp dir)")
+    args = p.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="phitune-bench-pruning-"))
+    try:
+        full = sweep("unpruned", PRUNERS["none"], args, root)
+        pruned = sweep("median", PRUNERS["median"], args, root)
+        out = {"args": {k: str(v) for k, v in vars(args).items()}, "unpruned": full, "median": pruned,
+               **report(pruned, full, args)}
+        (root / "results.json").write_text(json.dumps(out, indent=1, default=str))
+        print(f"results: {root / 'results.json'}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
