@@ -61,8 +61,9 @@ def _error_text(exc) -> str:
 
 
 class ChatSession:
-    def __init__(self, client, model: str, args, out=sys.stdout, err=sys.stderr):
-        self.client, self.model, self.args, self.out, self.err = client, model, args, out, err
+    def __init__(self, client, model: str, args, out=None, err=None):
+        self.client, self.model, self.args = client, model, args
+        self.out, self.err = out or sys.stdout, err or sys.stderr
         self.history = [{"role": "system", "content": args.system}] if args.system else []
 
     def ask(self, text: str) -> bool:
