@@ -169,7 +169,7 @@ def run(cfg, overrides: list[str] | None = None):
         if dist.is_main:
             print(f"train: {len(train_enc)} examples, valid: {len(valid_enc)} ({splits.mode}"
                   + (f", auto fraction {splits.auto_fraction}" if splits.mode == "auto" else "")
-                  + f"), overlap {splits.overlap}; {epochs} epochs x {total // max(1, epochs) if not cfg.train.max_steps else '?'} steps; "
+                  + f"), overlap {splits.overlap}; {epochs} epoch(s), {total} optimizer steps; "
                   f"batch {plan.effective_batch} = {plan.device_batch} x {plan.grad_accum} accum x {plan.world_size} device(s); "
                   f"lr {lr:g}", file=sys.stderr)
         if not dist.is_main:

@@ -51,18 +51,32 @@ class PhituneChatModel(ChatModel):
 
 def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model"):
     """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo."""
+    import logging
     import tempfile
+    import warnings
 
-    with tempfile.TemporaryDirectory() as tmp:
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow warns that ChatModel is deprecated (for agents) and that a pickled
+        # python_model runs code on load; both are known and accepted here.
+        warnings.simplefilter("ignore", FutureWarning)
+        pyfunc_log.setLevel(logging.ERROR)
         base_file = Path(tmp) / "base.json"
         base_file.write_text(json.dumps(base_ref, indent=2))
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=PhituneChatModel(),
-            artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
-            # Explicit requirements: inferring them imports and times the whole env (slow).
-            pip_requirements=_requirements(),
-        )
+        try:
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=PhituneChatModel(),
+                artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
+                # MLflow answers this example once to validate the model: keep it short.
+                input_example={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+                               "temperature": 0.0},
+                # Explicit requirements: inferring them imports and times the whole env (slow).
+                pip_requirements=_requirements(),
+            )
+        finally:
+            pyfunc_log.setLevel(level)
 
 
 def _requirements() -> list[str]:
