@@ -17,7 +17,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 from urllib.parse import parse_qs, urlparse
 
+import warnings
+
 import requests
+
+with warnings.catch_warnings():
+    # azure-ai-ml's marshmallow schemas warn about marshmallow 4 when their modules are first
+    # imported (lazily, mid-test); import them all once here, quietly. Not phitune's to fix.
+    import importlib
+    import pkgutil
+
+    warnings.simplefilter("ignore")
+    import azure.ai.ml._schema as _schema
+
+    for _mod in pkgutil.walk_packages(_schema.__path__, _schema.__name__ + "."):
+        importlib.import_module(_mod.name)
+
 from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import HttpTransport, RequestsTransportResponse
 from azure.core.rest._requests_basic import RestRequestsTransportResponse
@@ -186,3 +201,83 @@ def echo_versioned(rec: Recorded) -> dict:
     return {"id": rec.path, "name": parts[-1], "type": "Microsoft.MachineLearningServices/workspaces/" + parts[-4] + "/versions",
             "properties": dict(rec.body.get("properties", {})) if isinstance(rec.body, dict) else {},
             "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
+
+
+# -- workspace set-ups ------------------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+FAKE_ACCOUNT_KEY = "ZmFrZS1zdG9yYWdlLWFjY291bnQta2V5LWZvci10ZXN0cw=="  # base64, what listSecrets returns
+
+
+def datastore() -> dict:
+    return {"id": f"{ARM}/datastores/workspaceblobstore", "name": "workspaceblobstore",
+            "properties": {"datastoreType": "AzureBlob", "accountName": "stphitune",
+                           "containerName": "azureml-blobstore-0001", "endpoint": "core.windows.net",
+                           "protocol": "https", "credentials": {"credentialsType": "AccountKey"}, "isDefault": True}}
+
+
+def add_storage_routes(t: RecordingTransport) -> RecordingTransport:
+    """The default blob datastore, its (fake) account key, and a blob container that accepts uploads."""
+    t.on("GET", r"/datastores/workspaceblobstore\?", datastore())
+    t.on("POST", r"/datastores/workspaceblobstore/listSecrets", {"secretsType": "AccountKey", "key": FAKE_ACCOUNT_KEY})
+    t.on("PUT", r"blob\.core\.windows\.net/.*comp=metadata",
+         (200, None, {"ETag": '"0x2"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}))
+    t.on("PUT", r"blob\.core\.windows\.net/", (201, None, {"ETag": '"0x1"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}))
+    t.on("PUT", r"/data/[^/]+/versions/", echo_versioned)
+    return t
+
+
+def route_blob_storage(monkeypatch, t: RecordingTransport) -> None:
+    """Send azure-ai-ml's blob uploads through `t` too.
+
+    azure-ai-ml builds its BlobServiceClient without forwarding MLClient's
+    transport, so this (test-only) wraps that one constructor to add it; the
+    upload logic itself (hash metadata check, PUT blob, set metadata) is the SDK's.
+    """
+    import azure.ai.ml._artifacts._blob_storage_helper as helper
+
+    real = helper.BlobServiceClient
+    monkeypatch.setattr(helper, "BlobServiceClient", lambda *a, **k: real(*a, transport=t, **k))
+
+
+def job_status_route(t: RecordingTransport, statuses: list, extra: Optional[Callable[[dict], None]] = None):
+    """GET /jobs/<name> answers the last PUT body with each status in turn (the last one repeats)."""
+    state = {"i": 0}
+
+    def answer(rec: Recorded):
+        put = [r for r in t.requests if r.method == "PUT" and "/jobs/" in r.path]
+        body = echo_job(put[-1], statuses[min(state["i"], len(statuses) - 1)])
+        state["i"] += 1
+        if extra:
+            extra(body)
+        return body
+
+    t.on("GET", r"/jobs/[^/?]+\?", answer)
+    return t
+
+
+class BoundedSleep:
+    """A no-op sleep for polling loops that fails the test instead of spinning forever."""
+
+    def __init__(self, limit: int = 20):
+        self.calls: list = []
+        self.limit = limit
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        if len(self.calls) > self.limit:
+            raise AssertionError(f"polled more than {self.limit} times: the job never reached a terminal state")
+
+
+def words(messages) -> "tuple[int, int]":
+    """A stand-in token counter (one token per word, +4 per message for the chat template)."""
+    total = sum(len(str(m.get("content", "")).split()) + 4 for m in messages)
+    assistant = sum(len(str(m.get("content", "")).split()) for m in messages if m.get("role") == "assistant")
+    return total, assistant
+
+
+def fast_token_counter(monkeypatch) -> None:
+    """Count tokens without building the tiny model (tests of the Azure flow, not of tokenization)."""
+    import phitune.azure.cost as cost
+
+    monkeypatch.setattr(cost, "_token_counter", lambda cfg: (words, "a word counter (test)", True))

@@ -158,7 +158,8 @@ def check_budget(settings, estimate: CostEstimate) -> None:
                            f"({estimate.basis}); nothing was submitted")
 
 
-def report(tokens: Optional[TokenEstimate], estimate: CostEstimate, out=sys.stdout) -> None:
+def report(tokens: Optional[TokenEstimate], estimate: CostEstimate, out=None) -> None:
+    out = out or sys.stdout
     if tokens is not None:
         how = "counted with" if tokens.exact else "estimated at"
         print(f"billed training tokens: {tokens.tokens_per_epoch:,} per epoch x {tokens.epochs} epochs = "

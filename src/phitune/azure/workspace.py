@@ -52,6 +52,12 @@ def ml_client(settings, credential=None, transport=None, **kwargs):
                     resource_group_name=settings.resource_group, workspace_name=settings.workspace, **kwargs)
 
 
+def job_status(job) -> str:
+    """"Completed", "Running", ...: the SDK returns a str or a JobStatus enum depending on the job type."""
+    status = getattr(job, "status", None)
+    return str(getattr(status, "value", status) or "")
+
+
 def studio_url(job) -> Optional[str]:
     url = getattr(job, "studio_url", None)
     if url:
@@ -62,17 +68,18 @@ def studio_url(job) -> Optional[str]:
 
 
 def follow(client, job_name: str, poll_seconds: float = 30.0, timeout_s: Optional[float] = None,
-           sleep: Callable[[float], None] = time.sleep, out=sys.stderr):
+           sleep: Callable[[float], None] = time.sleep, out=None):
     """Poll the job until a terminal state, printing each change; returns the final job.
 
     Polling `jobs.get` (one small ARM GET per poll) rather than `jobs.stream`: the
     stream also tails logs from the run-history service, which needs a second
     endpoint and prints every line of the remote job into this terminal.
     """
+    out = out or sys.stderr
     started, last = time.monotonic(), None
     while True:
         job = client.jobs.get(job_name)
-        status = str(job.status)
+        status = job_status(job)
         if status != last:
             print(f"azure job {job_name}: {status}", file=out, flush=True)
             last = status
@@ -86,7 +93,7 @@ def follow(client, job_name: str, poll_seconds: float = 30.0, timeout_s: Optiona
 
 
 def raise_if_failed(job) -> None:
-    status = str(getattr(job, "status", ""))
+    status = job_status(job)
     if status in FAILED:
         url = studio_url(job)
         raise PhituneError(f"azure job {job.name} ended {status}" + (f"; logs: {url}" if url else ""))
