@@ -281,3 +281,37 @@ def fast_token_counter(monkeypatch) -> None:
     import phitune.azure.cost as cost
 
     monkeypatch.setattr(cost, "_token_counter", lambda cfg: (words, "a word counter (test)", True))
+
+
+def model_version(name: str, version: str = "1") -> dict:
+    return {"id": f"{ARM}/models/{name}/versions/{version}", "name": version,
+            "type": "Microsoft.MachineLearningServices/workspaces/models/versions",
+            "properties": {"modelType": "mlflow_model", "jobName": "ft-job",
+                           "modelUri": f"azureml://jobs/ft-job/outputs/registered_model", "flavors": {},
+                           "properties": {}, "tags": {}, "isArchived": False},
+            "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
+
+
+REGISTRY_MODEL = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+
+
+def add_registry_routes(t: RecordingTransport, version: str = "14") -> RecordingTransport:
+    """The azureml system registry: discovery, then its Phi-3 model whose label `latest` is `version`."""
+    sub, rg = "11111111-2222-3333-4444-555555555555", "registry-builtin-prod-eastus-01"
+    uri = f"azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/{version}"
+    mv = {"id": uri, "name": version,
+          "properties": {"modelType": "mlflow_model", "modelUri": uri, "properties": {}, "tags": {}, "flavors": {}},
+          "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
+    t.on("GET", r"/registries/azureml/discovery",
+         {"registryName": "azureml", "primaryRegionResourceProviderUri": "https://cert-eastus.experiments.azureml.net/",
+          "subscriptionId": sub, "resourceGroup": rg, "registryFqdns": {"eastus": {"api": "eastus.api.azureml.ms"}}})
+    t.on("GET", r"/registries/azureml/models/[^/]+/versions\?", {"value": [mv]})
+    t.on("GET", rf"/registries/azureml/models/[^/]+/versions/{version}\?", mv)
+    return t
+
+
+def add_model_routes(t: RecordingTransport, version: str = "1") -> RecordingTransport:
+    """Workspace models: the latest version of any name is `version`."""
+    t.on("GET", r"/workspaces/[^/]+/models/[^/]+/versions\?", lambda r: {"value": [model_version(r.path.split("/")[-2], version)]})
+    t.on("GET", rf"/workspaces/[^/]+/models/[^/]+/versions/{version}\?", lambda r: model_version(r.path.split("/")[-3], version))
+    return t
