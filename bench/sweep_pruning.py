@@ -63,7 +63,7 @@ def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
     log = work / "sweep.log"
     print(f"[{label}] python train.py -m ... (log: {log})", flush=True)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "w", buffering=1) as f:  # line-buffered: the log can be followed while it runs
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
@@ -91,7 +91,19 @@ def summarize(storage: str) -> dict:
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "steps": sum(t.last_step or 0 for t in trials),
+        "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                    "last_step": t.last_step, "tokens": t.user_attrs.get("train_tokens"),
+                    "duration_s": t.duration.total_seconds() if t.duration else None} for t in trials],
     }
+
+
+def same_environment(pruned: dict, full: dict) -> bool:
+    """Trials both sweeps completed with the same params must have the same value (the
+    first ones, before any pruning): otherwise the model or code changed in between."""
+    ref = {json.dumps(t["params"], sort_keys=True): t["value"] for t in full["trials"] if t["state"] == "COMPLETE"}
+    common = [(ref[k], t["value"]) for t in pruned["trials"] if t["state"] == "COMPLETE"
+              and (k := json.dumps(t["params"], sort_keys=True)) in ref]
+    return bool(common) and all(abs(a - b) <= 1e-6 * abs(a) for a, b in common)
 
 
 def report(pruned: dict, full: dict, args) -> dict:
@@ -105,9 +117,23 @@ def report(pruned: dict, full: dict, args) -> dict:
     for r in (full, pruned):
         print(f"{r['label']:10} {r['tokens']:>10,} {r['wall_s']:>8.0f} {r['best']:>21.4f} {r['complete']:>9} {r['pruned']:>7}")
     print(f"pruned / unpruned: tokens {tokens_ratio:.2f}, wall {wall_ratio:.2f}, best {gap:+.2%}")
+    median = {r["label"]: _median([t["duration_s"] for t in r["trials"] if t["state"] == "COMPLETE"]) for r in (full, pruned)}
+    pruned_s = _median([t["duration_s"] for t in pruned["trials"] if t["state"] == "PRUNED"])
+    print(f"median trial: complete {median['unpruned']:.0f} s (unpruned sweep), {median['median']:.0f} s (median sweep)"
+          + (f", pruned {pruned_s:.0f} s" if pruned_s else ""))
+    consistent = same_environment(pruned, full)
+    if not consistent:
+        print("WARNING: trials with the same params gave different values in the two sweeps: "
+              "the model or the code changed between them; rerun")
     ok = tokens_ratio <= 0.60 and gap <= 0.02
     print(f"target (best within 2% for at most 60% of the tokens): {'met' if ok else 'NOT met'}")
-    return {"tokens_ratio": tokens_ratio, "wall_ratio": wall_ratio, "best_gap": gap, "target_met": ok}
+    return {"tokens_ratio": tokens_ratio, "wall_ratio": wall_ratio, "best_gap": gap, "target_met": ok,
+            "same_environment": consistent}
+
+
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
 
 
 def main() -> int:
@@ -117,7 +143,16 @@ def main() -> int:
     p.add_argument("--eval-steps", type=int, default=3, help="valid_loss report interval, in optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=Path, default=None, help="folder for the stores and logs (default: a temp dir)")
+    p.add_argument("--report", type=Path, default=None, help="only summarize the stores a --keep run left there")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads((args.report / "results.json").read_text())
+        runs = {}
+        for label in ("unpruned", "median"):
+            runs[label] = dict(summarize(f"sqlite:///{args.report / label}/optuna.db"), label=label,
+                               wall_s=saved[label]["wall_s"])
+        report(runs["median"], runs["unpruned"], args)
+        return 0
     root = args.keep or Path(tempfile.mkdtemp(prefix="phitune-bench-pruning-"))
     try:
         full = sweep("unpruned", PRUNERS["none"], args, root)

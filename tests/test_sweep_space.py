@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from phitune.errors import PhituneError
-from phitune.sweep.driver import plan_sweep
+from phitune.sweep.plan import plan_sweep
 from phitune.sweep.space import SearchSpaceError, format_value, grid_values, parse_space, quote
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
 from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run
+from phitune.sweep.plan import SweepPlan, plan_sweep
 from phitune.sweep.progress import outcome_line, progress_line
 
 
@@ -38,68 +39,6 @@ class SweepStopped(PhituneError):
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM: running trials were FAILED and re-enqueued; re-run to continue."""
-
-
-# -- what to sweep ---------------------------------------------------------------------------
-
-@dataclass
-class SweepPlan:
-    space_text: dict[str, str]  # name -> search-space string, as written
-    space: dict[str, Any]  # name -> optuna distribution
-    launch_keys: dict[str, str]  # name -> override key (keeps a leading + or @package)
-    fixed: list[str] = field(default_factory=list)  # overrides every trial gets
-
-
-def plan_sweep(params: dict | None, arguments: list[str]) -> SweepPlan:
-    """hydra.sweeper.params and the command line -> search space + fixed overrides.
-
-    The command line wins: `train.epochs=range(1,3)` replaces the file's range for
-    train.epochs, and `train.epochs=2` removes it from the space (every trial gets 2).
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    space_text: dict[str, str] = {}
-    launch_keys: dict[str, str] = {}
-    fixed: dict[str, str] = {}  # key -> override line; dict keeps order, last one wins
-    for name, value in (params or {}).items():
-        name, text = str(name), _param_text(value)
-        ov = sp.parse_override(name, text)
-        if ov.is_sweep_override():
-            space_text[name], launch_keys[name] = text, ov.get_key_element()
-        else:
-            fixed[name] = f"{name}={text}"
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(arguments))
-    except HydraException as exc:
-        raise PhituneError(f"cannot parse the command line: {' '.join(str(exc).split())}") from None
-    for ov in parsed:
-        key = _param_name(ov)
-        if ov.is_sweep_override():
-            fixed.pop(key, None)
-            space_text[key] = ov.input_line.split("=", 1)[1]
-            launch_keys[key] = ov.get_key_element()
-        else:
-            space_text.pop(key, None)
-            launch_keys.pop(key, None)
-            fixed.pop(key, None)
-            fixed[key] = ov.input_line
-    dists = {}
-    for name, text in space_text.items():
-        dists[name] = sp.parse_dimension(name, text)
-    return SweepPlan(space_text, dists, launch_keys, list(fixed.values()))
-
-
-def _param_text(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (DictConfig,)) or OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    return sp.format_value(value) if not isinstance(value, (list, dict)) else str(value).replace("'", "")
-
-
-def _param_name(ov) -> str:
-    return ov.key_or_group + (f"@{ov.package}" if ov.package else "")
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -188,6 +127,8 @@ class Sweep:
         if int(self.s.n_jobs) < 1:
             raise PhituneError(f"hydra.sweeper.n_jobs={self.s.n_jobs}: expected 1 or more")
         self.n_trials = int(self.s.n_trials)
+        if self.n_trials < 1:
+            raise PhituneError(f"hydra.sweeper.n_trials={self.n_trials}: expected 1 or more")
         if str(self.s.sampler.name).lower() == "grid":
             size = st.grid_size(plan.space)
             if size < self.n_trials:
@@ -287,8 +228,9 @@ class Sweep:
             free = self.n_trials - counts.allocated + counts.waiting
             if free <= 0:
                 if not waiting_said:
-                    print(f"sweep: waiting for {counts.running} running trial(s) of other workers "
-                          f"(a dead one's are retried {self.s.grace_period} s after its last heartbeat)")
+                    print(f"sweep: all {self.n_trials} trials are taken; waiting for {counts.running} running trial(s) "
+                          f"of other workers, or of a process that died (retried after {self.s.grace_period} s "
+                          "without a heartbeat)")
                     waiting_said = True
                 time.sleep(min(5.0, max(1.0, float(self.s.heartbeat_interval or 5))))
                 self._recover()
