@@ -170,7 +170,8 @@ def examples(tiny_tokenizer):
     return encs
 
 
-@pytest.mark.parametrize("attn, lora", [("sdpa", False), ("eager", False), ("sdpa", True)])
+@pytest.mark.parametrize("attn, lora", [("sdpa", False), ("eager", False), ("sdpa", True),
+                                        ("packed_sdpa", False), ("packed_sdpa", True)])
 def test_packed_batch_matches_padded_batch(tiny_model_cfg, tiny_tokenizer, examples, attn, lora):
     """Same loss and same per-example logits: packing neither leaks nor drops context."""
     cfg = OmegaConf.merge(tiny_model_cfg, {"attn_implementation": attn, "torch_dtype": "float32"})

@@ -114,7 +114,9 @@ def load_model(model_cfg, device: str = "cpu", dtype=None):
     # transformers renamed torch_dtype -> dtype in 4.56 and warns on the old name.
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs[dtype_key] = torch_dtype
-    attn = _get(model_cfg, "attn_implementation")
+    from phitune.modeling.attention import resolve
+
+    attn = resolve(_get(model_cfg, "attn_implementation"))
     if attn:
         kwargs["attn_implementation"] = attn
     try:
@@ -205,6 +207,8 @@ def load_for_inference(base_ref: dict, adapter_dir: str | None, device: str = "c
         if not (adapter / "config.json").is_file():
             raise PhituneError(f"{adapter_dir}: neither a peft adapter (adapter_config.json) nor a model (config.json)")
         model_cfg.path = str(adapter)
+    if model_cfg.attn_implementation == "packed_sdpa":
+        model_cfg.attn_implementation = "sdpa"  # generation rows are never packed
     model = load_model(model_cfg, device=device)
     if adapter is not None and not full_model:
         model = PeftModel.from_pretrained(model, str(adapter))
