@@ -202,3 +202,14 @@ def test_bad_search_space_is_a_message_not_a_traceback(tmp_path):
     res = run(toy_cmd(*s.overrides(), "toy.stpes=range(1,3)"))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "error: the sweep's overrides do not fit the config" in res.stderr and "stpes" in res.stderr
+
+
+def test_grid_sampler_covers_the_grid_once(tmp_path):
+    s = make_stores(tmp_path)
+    res = run(toy_cmd(*s.overrides(), "hydra.sweeper.sampler.name=grid", "x=range(0.0,1.0,0.5)", "y=choice(0,1)",
+                      "hydra.sweeper.n_trials=10", "hydra.sweeper.plots=false"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "the grid has 4 points; n_trials 10 -> 4" in res.stdout
+    trials = load_study(s).get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted((t.params["x"], t.params["y"]) for t in trials) == [(x, y) for x in (0.0, 0.5) for y in (0, 1)]
