@@ -236,6 +236,7 @@ class Sweep:
                 self._recover()
                 continue
             waiting_said = False
+            self._recover()  # a dead worker's trial goes back in the queue before new ones are asked
             batch = self._ask_batch(min(int(self.s.n_jobs), free))
             if batch:
                 self._launch(batch)

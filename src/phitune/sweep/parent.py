@@ -6,6 +6,7 @@ which an active parent run here would collide with.
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class ParentRun:
         """Params are immutable in MLflow: a resumed sweep adds new keys and keeps the first values."""
         existing = self.client.get_run(self.run_id).data.params
         for key, value in params.items():
+            key = re.sub(r"[^\w\-. /:]", "_", key)  # MLflow's allowed characters (e.g. no '@')
             text = "" if value is None else str(value)[:MAX_PARAM_CHARS]
             if key not in existing:
                 self.client.log_param(self.run_id, key, text)
