@@ -35,12 +35,10 @@ SUMMARY_FILE = "eval/metrics.json"
 def quiet_libraries() -> None:
     """Keep the console for the results: no transformers/evaluate progress bars or info logs."""
     import logging
-    import os
     import warnings
 
     import transformers
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download otherwise
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

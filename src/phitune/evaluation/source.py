@@ -15,7 +15,9 @@ local folder takes the `model` config group (tiny-phi3 unless told otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +50,29 @@ class ModelSource:
         return where + (f" ({', '.join(extra)})" if extra else "")
 
 
+@contextlib.contextmanager
+def quiet_downloads():
+    """No MLflow "Downloading artifacts" progress bar per download (restored afterwards)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def _download(uri: str, dst: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        with quiet_downloads():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except (MlflowException, OSError) as exc:
         raise PhituneError(f"{uri}: cannot download it from the tracking store "
                            f"({' '.join(str(exc).split())[:300]})") from None
@@ -79,14 +97,16 @@ def run_base_reference(run_id: str, workdir: Path) -> dict:
     from mlflow.exceptions import MlflowException
 
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model/artifacts/base.json",
-                                                   dst_path=str(workdir / "base"))
+        with quiet_downloads():
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/model/artifacts/base.json",
+                                                       dst_path=str(workdir / "base"))
         return json.loads(Path(path).read_text())
     except (MlflowException, OSError, ValueError):
         pass
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/config.yaml",
-                                                   dst_path=str(workdir / "config"))
+        with quiet_downloads():
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/config.yaml",
+                                                       dst_path=str(workdir / "config"))
     except (MlflowException, OSError) as exc:
         raise PhituneError(f"run {run_id}: neither a logged model nor a config.yaml says which base model it "
                            f"fine-tuned ({' '.join(str(exc).split())[:200]})") from None

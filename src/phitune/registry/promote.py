@@ -90,9 +90,12 @@ def _epoch_dirs(client, run_id: str) -> list[str]:
 def _epoch_metrics(client, run_id: str, epoch_dir: str, workdir: Path) -> Optional[dict]:
     from mlflow.exceptions import MlflowException
 
+    from phitune.evaluation.source import quiet_downloads
+
     try:
-        path = client.download_artifacts(run_id, f"checkpoints/{epoch_dir}/metrics.json",
-                                         str(_fresh(workdir / run_id / epoch_dir)))
+        with quiet_downloads():
+            path = client.download_artifacts(run_id, f"checkpoints/{epoch_dir}/metrics.json",
+                                             str(_fresh(workdir / run_id / epoch_dir)))
         return json.loads(Path(path).read_text())
     except (MlflowException, OSError, ValueError):
         return None
@@ -193,8 +196,11 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
 
     quiet_libraries()
 
-    adapter = Path(client.download_artifacts(run_id, f"checkpoints/{cand.checkpoint}",
-                                             str(_fresh(workdir / "ckpt" / run_id))))
+    from phitune.evaluation.source import quiet_downloads
+
+    with quiet_downloads():
+        adapter = Path(client.download_artifacts(run_id, f"checkpoints/{cand.checkpoint}",
+                                                 str(_fresh(workdir / "ckpt" / run_id))))
     (adapter / "metrics.json").unlink(missing_ok=True)  # the model folder holds the adapter only
     base = run_base_reference(run_id, workdir / "base" / run_id)
     status = client.get_run(run_id).info.status
@@ -346,7 +352,7 @@ def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", d
             source = checkpoint_model_uri(client, best, workdir)
             tags = version_tags(best, metric, direction, parent_id)
             version = client.create_model_version(
-                name, source, run_id=best.run_id, tags=tags,
+                name, source, run_id=best.run_id, tags=tags, model_id=source[len("models:/"):],
                 description=f"{best.describe()}; {metric} {best.value:.6g} on validation data {_short(digest)}")
             out(f"registered {name} version {version.version} from {source} ({best.describe()})")
         result.version = version.version

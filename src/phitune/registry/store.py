@@ -38,9 +38,8 @@ def client_for(uri: str):
         if not db.is_file():
             raise PhituneError(f"no MLflow store at {db} (tracking URI {uri}): train something first "
                                "(python train.py), or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def direction_for(metric: str, explicit: Optional[str] = None) -> str:
