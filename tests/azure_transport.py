@@ -198,9 +198,11 @@ def code_version(name: str = "phitune-code", version: str = "1") -> dict:
 def echo_versioned(rec: Recorded) -> dict:
     """Answer an asset-version PUT (environment, code, data, model) with what was sent plus its id."""
     parts = rec.path.rstrip("/").split("/")
+    props = dict(rec.body.get("properties", {})) if isinstance(rec.body, dict) else {}
+    if parts[-4] == "models":
+        props["flavors"] = props.get("flavors") or {}
     return {"id": rec.path, "name": parts[-1], "type": "Microsoft.MachineLearningServices/workspaces/" + parts[-4] + "/versions",
-            "properties": dict(rec.body.get("properties", {})) if isinstance(rec.body, dict) else {},
-            "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
+            "properties": props, "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
 
 
 # -- workspace set-ups ------------------------------------------------------------------------------
@@ -314,4 +316,51 @@ def add_model_routes(t: RecordingTransport, version: str = "1") -> RecordingTran
     """Workspace models: the latest version of any name is `version`."""
     t.on("GET", r"/workspaces/[^/]+/models/[^/]+/versions\?", lambda r: {"value": [model_version(r.path.split("/")[-2], version)]})
     t.on("GET", rf"/workspaces/[^/]+/models/[^/]+/versions/{version}\?", lambda r: model_version(r.path.split("/")[-3], version))
+    return t
+
+
+def workspace_body(location: str = "eastus") -> dict:
+    return {"id": ARM, "name": WS, "location": location, "type": "Microsoft.MachineLearningServices/workspaces",
+            "kind": "Default", "properties": {"workspaceId": "8f1b1c9e-0000-0000-0000-000000000000",
+                                              "discoveryUrl": f"https://{location}.api.azureml.ms/discovery",
+                                              "mlFlowTrackingUri": f"azureml://{location}.api.azureml.ms/mlflow/v1.0{ARM}"}}
+
+
+def echo_provisioned(rec: Recorded, extra: Optional[dict] = None) -> dict:
+    """Answer an ARM PUT (endpoint, deployment) as finished: the body sent, provisioningState Succeeded."""
+    parts = rec.path.rstrip("/").split("/")
+    body = dict(rec.body) if isinstance(rec.body, dict) else {}
+    props = {**dict(body.get("properties", {})), "provisioningState": "Succeeded", **(extra or {})}
+    return {**body, "id": rec.path, "name": parts[-1], "properties": props,
+            "systemData": {"createdAt": "2025-01-01T00:00:00Z", "lastModifiedAt": "2025-01-01T00:00:00Z",
+                           "createdBy": "tests", "lastModifiedBy": "tests"}}
+
+
+def add_endpoint_routes(t: RecordingTransport, exists: bool = False) -> RecordingTransport:
+    """Online endpoints and deployments that provision at once; GET of the endpoint 404s until created."""
+    t.on("GET", r"/workspaces/[^/]+\?", workspace_body())
+
+    def scoring(rec):
+        name = rec.path.rstrip("/").split("/")[-1]
+        return {"scoringUri": f"https://{name}.eastus.inference.ml.azure.com/score",
+                "swaggerUri": f"https://{name}.eastus.inference.ml.azure.com/swagger.json"}
+
+    def get_endpoint(rec):
+        puts = [r for r in t.requests if r.method == "PUT" and re.search(r"/onlineEndpoints/[^/]+$", r.path)]
+        if puts:
+            return echo_provisioned(puts[-1], scoring(puts[-1]))
+        if exists:
+            return echo_provisioned(Recorded("PUT", rec.url, {}, {"location": "eastus", "properties":
+                                                                    {"authMode": "Key", "properties": {}}}), scoring(rec))
+        return 404, {"error": {"code": "ResourceNotFound", "message": "endpoint not found"}}
+
+    t.on("GET", r"/onlineEndpoints/[^/]+\?", get_endpoint)
+    t.on("GET", r"/onlineEndpoints/[^/]+/deployments\?", {"value": []})
+    default_scale = {"scaleSettings": {"scaleType": "Default"}}
+    t.on("PUT", r"/onlineEndpoints/[^/]+/deployments/[^/]+\?", lambda rec: (201, echo_provisioned(rec, default_scale)))
+    t.on("PUT", r"/onlineEndpoints/[^/]+\?", lambda rec: (201, echo_provisioned(rec, scoring(rec))))
+    t.on("GET", r"/onlineEndpoints/[^/]+/deployments/[^/]+\?",
+         lambda rec: echo_provisioned([r for r in t.requests if r.method == "PUT" and "/deployments/" in r.path][-1],
+                                      default_scale))
+    t.on("DELETE", r"/onlineEndpoints/", (200, None))
     return t
