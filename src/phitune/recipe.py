@@ -206,7 +206,10 @@ def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_e
         tags["phitune.trial_number"] = str(cfg.trial.number)
         tags["phitune.study"] = str(cfg.trial.study_name)
     callbacks = []
-    with TrackedRun(cfg.tracking, resume_run_id=run_id, tags=tags) as tracker:
+    # Named here: MLflow's random names come from `random`, which set_seed made identical for every run.
+    name = cfg.tracking.get("run_name") or (f"trial-{cfg.trial.number}" if reporter is not None
+                                            else f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with TrackedRun(cfg.tracking, run_name=name, resume_run_id=run_id, tags=tags) as tracker:
         tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **derived})
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         _log_datasets(cfg, splits)
