@@ -210,3 +210,25 @@ def test_bad_data_stops_before_anything_is_built_or_sent(tmp_path):
     with pytest.raises(DataError):
         submit(compose_cfg(overrides), overrides, credential=FakeCredential(), transport=t)
     assert t.requests == []
+
+
+def test_azure_errors_are_one_line_messages(tmp_path):
+    from azure.core.exceptions import ClientAuthenticationError
+
+    overrides = ["backend=azureml", *WS_OVERRIDES, f"backend.code_dir={small_project(tmp_path)}",
+                 "backend.environment=azureml:phitune-env:3", "data.train_file=azureml:support_train:1",
+                 "data.validation_file=azureml:support_valid:1"]
+    cfg = compose_cfg(overrides)
+    t = _workspace_transport()
+    t.routes.insert(0, azure_transport.Route("PUT", __import__("re").compile(r"/jobs/"),
+                                             (403, {"error": {"code": "AuthorizationFailed",
+                                                              "message": "no write permission on the workspace"}})))
+    with pytest.raises(PhituneError, match="Azure answered 403.*no write permission"):
+        submit(cfg, overrides, credential=FakeCredential(), transport=t)
+
+    class NoLogin:
+        def get_token(self, *scopes, **kwargs):
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
+
+    with pytest.raises(PhituneError, match="sign-in failed.*az login"):
+        submit(cfg, overrides, credential=NoLogin(), transport=_workspace_transport())

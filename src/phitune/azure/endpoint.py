@@ -191,9 +191,17 @@ def deploy_azure(model_uri: str, settings, *, instance_type: Optional[str] = Non
               f"  az ml online-endpoint create -f {e}\n  az ml online-deployment create -f {d} --all-traffic")
         return None
 
+    from phitune.azure.workspace import azure_errors
+
+    with azure_errors(f"deploy {model_uri} to Azure ML"):
+        return _deploy(client=_client_for(settings, credential=credential, transport=transport), ref=ref, name=name,
+                       endpoint=endpoint, deployment=deployment, deployment_name=deployment_name,
+                       instance_count=instance_count, settings=settings, tracking_uri=tracking_uri)
+
+
+def _deploy(client, ref, name, endpoint, deployment, deployment_name, instance_count, settings, tracking_uri) -> dict:
     from azure.core.exceptions import ResourceNotFoundError
 
-    client = _client_for(settings, credential=credential, transport=transport)
     try:
         client.online_endpoints.get(name)
         created = False
@@ -236,8 +244,6 @@ def undeploy_azure(record: dict, *, credential=None, transport=None, settings=No
     """
     import os
 
-    from azure.core.exceptions import ResourceNotFoundError
-
     from phitune.azure.workspace import require_sdk
 
     require_sdk()
@@ -250,7 +256,16 @@ def undeploy_azure(record: dict, *, credential=None, transport=None, settings=No
         azure.setdefault("subscription_id", os.environ.get("AZURE_SUBSCRIPTION_ID"))
         azure.setdefault("resource_group", os.environ.get("AZURE_RESOURCE_GROUP"))
         azure.setdefault("workspace", os.environ.get("AZUREML_WORKSPACE_NAME"))
-    client = _client_for(settings, azure=azure, credential=credential, transport=transport)
+    from phitune.azure.workspace import azure_errors
+
+    with azure_errors(f"undeploy {endpoint}"):
+        client = _client_for(settings, azure=azure, credential=credential, transport=transport)
+        return _delete(client, endpoint, deployment, azure)
+
+
+def _delete(client, endpoint: str, deployment: Optional[str], azure: dict) -> str:
+    from azure.core.exceptions import ResourceNotFoundError
+
     try:
         if azure.get("endpoint_created", True) or not deployment:
             client.online_endpoints.begin_delete(name=endpoint).result()

@@ -217,7 +217,7 @@ def link_model(cfg, settings, model, job_name: str, tracking_uri: Optional[str] 
 def submit_finetuning(cfg, settings, *, credential=None, transport=None, sleep=None):
     """Validate, estimate, (upload, submit, follow, link); returns the final job, or None on a dry run."""
     from phitune.azure import cost
-    from phitune.azure.workspace import follow, job_status, ml_client, raise_if_failed, studio_url
+    from phitune.azure.workspace import azure_errors
 
     if getattr(cfg.model, "builtin", None):
         print(f"note: model={cfg.model.name} locally; Foundry fine-tunes {model_name_from_uri(settings.model)}; "
@@ -234,6 +234,13 @@ def submit_finetuning(cfg, settings, *, credential=None, transport=None, sleep=N
         path = dump_finetuning_job(job, out_dir / "finetuning_job.yaml")
         print(f"dry run: wrote {path} (submit it with: az ml job create -f {path}); nothing was submitted")
         return None
+
+    with azure_errors("backend=foundry"):
+        return _submit_and_follow(cfg, settings, train_path, valid_path, hyper, credential, transport, sleep)
+
+
+def _submit_and_follow(cfg, settings, train_path, valid_path, hyper, credential, transport, sleep):
+    from phitune.azure.workspace import follow, job_status, ml_client, raise_if_failed, studio_url
 
     client = ml_client(settings, credential=credential, transport=transport)
     prefix = settings.data_name_prefix or re.sub(r"[^A-Za-z0-9_-]", "-", settings.experiment or str(cfg.tracking.experiment))

@@ -46,7 +46,7 @@ def submit_command(cfg, overrides: list[str], settings, *, credential=None, tran
     """One training run as an Azure ML command job; returns the created job (None on a dry run)."""
     from phitune.azure import cost
     from phitune.azure.command_job import build_command_job, data_inputs, dump_job, is_remote_uri
-    from phitune.azure.workspace import follow, ml_client, raise_if_failed, studio_url
+    from phitune.azure.workspace import azure_errors, follow, ml_client, raise_if_failed, studio_url
 
     # Build first: a bad override or missing file is reported before the data is tokenized.
     job = build_command_job(cfg, overrides, settings)
@@ -56,11 +56,12 @@ def submit_command(cfg, overrides: list[str], settings, *, credential=None, tran
         path = dump_job(job, Path(settings.output_dir) / "job.yaml")
         print(f"dry run: wrote {path} (submit it with: az ml job create -f {path}); nothing was submitted")
         return None
-    client = ml_client(settings, credential=credential, transport=transport)
-    created = client.jobs.create_or_update(job)
-    print(f"submitted Azure ML job {created.name}: {studio_url(created) or '(no studio link returned)'}")
-    if settings.follow:
-        final = follow(client, created.name, settings.poll_seconds, sleep=sleep or time.sleep)
-        raise_if_failed(final)
-        return final
+    with azure_errors("backend=azureml"):
+        client = ml_client(settings, credential=credential, transport=transport)
+        created = client.jobs.create_or_update(job)
+        print(f"submitted Azure ML job {created.name}: {studio_url(created) or '(no studio link returned)'}")
+        if settings.follow:
+            final = follow(client, created.name, settings.poll_seconds, sleep=sleep or time.sleep)
+            raise_if_failed(final)
+            return final
     return created

@@ -410,7 +410,7 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
     from phitune.azure.command_job import data_inputs, dump_job, is_remote_uri
     from phitune.azure.redact import install_log_filter
     from phitune.azure.settings import backend_settings
-    from phitune.azure.workspace import follow, ml_client, raise_if_failed, require_sdk, studio_url
+    from phitune.azure.workspace import azure_errors, follow, ml_client, raise_if_failed, require_sdk, studio_url
 
     require_sdk()
     install_log_filter()
@@ -427,10 +427,11 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
         path = dump_job(job, Path(settings.output_dir) / "sweep_job.yaml")
         print(f"dry run: wrote {path} (submit it with: az ml job create -f {path}); nothing was submitted")
         return None
-    client = ml_client(settings, credential=credential, transport=transport)
-    created = client.jobs.create_or_update(job)
-    print(f"submitted Azure ML sweep job {created.name}: {studio_url(created) or '(no studio link returned)'}")
-    if settings.follow:
-        final = follow(client, created.name, settings.poll_seconds, sleep=sleep or time.sleep)
-        raise_if_failed(final)
+    with azure_errors("sweep on backend=azureml"):
+        client = ml_client(settings, credential=credential, transport=transport)
+        created = client.jobs.create_or_update(job)
+        print(f"submitted Azure ML sweep job {created.name}: {studio_url(created) or '(no studio link returned)'}")
+        if settings.follow:
+            final = follow(client, created.name, settings.poll_seconds, sleep=sleep or time.sleep)
+            raise_if_failed(final)
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 from phitune.errors import PhituneError
@@ -97,3 +98,35 @@ def raise_if_failed(job) -> None:
     if status in FAILED:
         url = studio_url(job)
         raise PhituneError(f"azure job {job.name} ended {status}" + (f"; logs: {url}" if url else ""))
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    from phitune.azure.redact import redact_text
+
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return redact_text(" ".join(str(text).split()))[:limit]
+
+
+@contextmanager
+def azure_errors(what: str):
+    """Azure SDK failures (sign-in, HTTP errors, network, SDK validation) as one-line PhituneErrors."""
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
+
+    try:
+        from azure.ai.ml.exceptions import MlException
+    except ImportError:  # pragma: no cover
+        MlException = ()  # noqa: N806
+    try:
+        yield
+    except PhituneError:
+        raise
+    except ClientAuthenticationError as exc:
+        raise PhituneError(f"{what}: Azure sign-in failed: {_one_line(exc, 300)}. Sign in with `az login`, or set "
+                           "AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_CLIENT_SECRET for a service principal") from None
+    except HttpResponseError as exc:
+        status = getattr(exc, "status_code", None) or "an error"
+        raise PhituneError(f"{what}: Azure answered {status}: {_one_line(exc)}") from None
+    except ServiceRequestError as exc:
+        raise PhituneError(f"{what}: cannot reach Azure ({_one_line(exc, 200)})") from None
+    except MlException as exc:
+        raise PhituneError(f"{what}: {_one_line(exc)}") from None
