@@ -74,7 +74,8 @@ def test_list_shows_versions_aliases_and_deployments(registry, capsys):
     assert "@challenger=2 @champion=1" in row and f"v1: {dep['id']} http://127.0.0.1:8080" in row
     assert next(line for line in lines if line.startswith(f"{other} ")).split()[1:4] == ["1", "1", "-"]
 
-    rc, out, _ = models(capsys, registry, "list", "--format", "json")
+    rc = main(["models", "--tracking-uri", registry["uri"], "list", "--format", "json"])  # the option before, too
+    out = capsys.readouterr().out
     data = {m["name"]: m for m in json.loads(out)}
     assert data[bot]["aliases"] == {"challenger": "2", "champion": "1"} and data[bot]["versions"] == 2
     assert [d["id"] for d in data[bot]["deployments"]] == [dep["id"]] and data[other]["deployments"] == []

@@ -145,6 +145,11 @@ def test_a_sweep_promotes_its_best_finished_trial_never_a_pruned_one(store, caps
     v = client.get_model_version("swept", "1")
     assert v.run_id == kids[3] and v.tags["phitune.sweep"] == parent and v.tags["phitune.trial_number"] == "3"
 
+    # --checkpoint best: trials that kept no epoch checkpoint (train.max_steps mid-epoch) still
+    # offer their final model; the same trial wins, and its version is reused
+    rc, out, _ = promote(capsys, store, "--sweep", parent, "--name", "swept", "--checkpoint", "best")
+    assert rc == 0 and f"run {kids[3]} (trial 3), final model" in out and "already @champion" in out
+
     rc, _, err = promote(capsys, store, "--run", kids[1], "--name", "swept")
     assert rc == 1 and "is pruned, not finished" in err
     rc, _, err = promote(capsys, store, "--sweep", parent, "--name", "swept", "--metric", "eval_bleu")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="chat JSONL to evaluate on (validated first)")
     p.add_argument("--limit", type=int, metavar="N", help="first N conversations only (default: all)")
     p.add_argument("--generation-limit", type=int, metavar="N",
-                   help="conversations that get a generated reply (default: 32; 0 = loss only)")
+                   help="conversations that get a generated reply (default: 16; 0 = loss only)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens per generated reply (default: 64)")
     p.add_argument("--model", metavar="NAME", help="base model (conf/model/NAME.yaml) for a bare adapter folder")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")

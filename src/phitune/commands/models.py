@@ -13,10 +13,14 @@ import sys
 
 
 def register(subparsers) -> None:
+    uri_help = "default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db"
+    # --tracking-uri before or after the subcommand; SUPPRESS keeps a subcommand's
+    # default from overwriting a value given before it
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    common.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=uri_help)
     p = subparsers.add_parser("models", help="registered models: versions, aliases, deployments; delete (guarded)",
-                              description=__doc__.splitlines()[0], parents=[common])
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--tracking-uri", help=uri_help)
     sub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     ls = sub.add_parser("list", help="registered models with aliases and deployments", parents=[common])
     ls.add_argument("--format", choices=["table", "json"], default="table")
@@ -50,7 +54,7 @@ def register(subparsers) -> None:
 
 def _table(header: list, rows: list) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ class EvalSettings:
     limit: Optional[int] = None
     # Of those, how many get a generated reply for the generation metrics (None = all).
     # Greedy decoding costs one forward pass per new token: keep this small on a CPU.
-    generation_limit: Optional[int] = 32
+    generation_limit: Optional[int] = 16
     max_new_tokens: int = 64  # tokens per generated reply
     batch_size: int = 8  # conversations per packed forward pass of the teacher-forced loss
     device: str = "auto"  # auto | cpu | cuda | mps

@@ -105,7 +105,7 @@ def generate_replies(generator, pairs: Sequence[tuple], max_new_tokens: int, pro
 
 
 def run_suite(model, tokenizer, conversations: Sequence[Sequence[dict]], context_length: int, *,
-              max_seq_len: Optional[int] = None, batch_size: int = 8, generation_limit: Optional[int] = 32,
+              max_seq_len: Optional[int] = None, batch_size: int = 8, generation_limit: Optional[int] = 16,
               max_new_tokens: int = 64, device=None, progress: bool = False) -> EvalResult:
     """Teacher-forced metrics on every conversation, generation metrics on the first
     `generation_limit` that have an assistant turn to predict."""

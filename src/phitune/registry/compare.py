@@ -166,7 +166,7 @@ def to_table(lb: Leaderboard) -> str:
              *[_num(r.params.get(p)) for p in lb.params], *[_fmt(r.metrics.get(m)) for m in lb.metrics]]
             for r in lb.rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = [head, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines = [head, "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
     if lb.hidden:
         lines.append(f"... {lb.hidden} more run(s) not shown (--top)")

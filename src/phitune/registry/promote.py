@@ -139,32 +139,40 @@ def candidates(client, runs: list, metric: str, checkpoint: str, workdir: Path,
     """Every promotable (run, checkpoint) with a finite value of `metric`."""
     out: list[Candidate] = []
     for run in runs:
-        state = store.run_state(run)
-        if state != "finished":
+        if store.run_state(run) != "finished":
             continue
+        rid = run.info.run_id
         has_model = _has_model(client, run)
-        if checkpoint == "last" and has_model:
+        final_cand = None
+        if has_model and checkpoint in ("last", "best"):  # the run's final weights are always a candidate
             value = _finite(run.data.metrics.get(metric))
             if value is None:
-                note(f"run {run.info.run_id}: no {metric}; skipped")
-                continue
-            out.append(Candidate(run, "final", None, value, dict(run.data.metrics), final=True))
+                note(f"run {rid}: no {metric}; skipped")
+            else:
+                final_cand = Candidate(run, "final", None, value, dict(run.data.metrics), final=True)
+                out.append(final_cand)
+        if checkpoint == "last" and has_model:
             continue
-        epochs = _epoch_dirs(client, run.info.run_id)
+        epochs = _epoch_dirs(client, rid)
         if checkpoint == "last":
             epochs = epochs[-1:]  # no logged model: its last kept epoch
         elif checkpoint != "best":
             epochs = [e for e in epochs if e == f"epoch-{int(checkpoint):03d}"]
-        final_step = _final_step(client, run.info.run_id) if has_model else None
+            if not epochs:
+                note(f"run {rid}: no kept checkpoint epoch-{int(checkpoint):03d}; skipped")
+        final_step = _final_step(client, rid) if has_model else None
         for epoch_dir in epochs:
-            m = _epoch_metrics(client, run.info.run_id, epoch_dir, workdir)
+            m = _epoch_metrics(client, rid, epoch_dir, workdir)
             value = _finite((m or {}).get(metric))
             if value is None:
-                note(f"run {run.info.run_id} {epoch_dir}: no {metric} in its metrics.json; skipped")
+                note(f"run {rid} {epoch_dir}: no {metric} in its metrics.json; skipped")
                 continue
+            epoch = int(m.get("epoch") or epoch_dir[len("epoch-"):])
             final = has_model and final_step is not None and int(m.get("step", -1)) == final_step
-            out.append(Candidate(run, "final" if final else epoch_dir, int(m.get("epoch") or epoch_dir[6:]), value,
-                                 m, final=final))
+            if final and final_cand is not None:
+                final_cand.epoch = epoch  # the same weights as the run's model: one candidate
+                continue
+            out.append(Candidate(run, "final" if final else epoch_dir, epoch, value, m, final=final))
     return out
 
 
@@ -191,21 +199,18 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
     import mlflow
 
     from phitune.evaluation.run import quiet_libraries
-    from phitune.evaluation.source import run_base_reference
+    from phitune.evaluation.source import quiet_downloads, run_base_reference
     from phitune.tracking.pyfunc_model import log_chat_model
 
+    if mlflow.active_run() is not None:
+        raise PhituneError("promote: another MLflow run is active in this process; cannot log the checkpoint's model")
     quiet_libraries()
-
-    from phitune.evaluation.source import quiet_downloads
-
     with quiet_downloads():
         adapter = Path(client.download_artifacts(run_id, f"checkpoints/{cand.checkpoint}",
                                                  str(_fresh(workdir / "ckpt" / run_id))))
     (adapter / "metrics.json").unlink(missing_ok=True)  # the model folder holds the adapter only
     base = run_base_reference(run_id, workdir / "base" / run_id)
     status = client.get_run(run_id).info.status
-    if mlflow.active_run() is not None:
-        raise PhituneError("promote: another MLflow run is active in this process; cannot log the checkpoint's model")
     print(f"logging {cand.checkpoint} of run {run_id} as the MLflow model {name} (loads it once to check it)",
           file=sys.stderr)
     mlflow.start_run(run_id=run_id)
