@@ -32,6 +32,9 @@ Peers:
   own trl/chat_templates/phi3_training.jinja ({% generation %} around each assistant
   message + <|end|>\n, same token ids) by itself, so the tokenizer is passed as is;
 - trl-gc (optional): the same with TRL's default gradient_checkpointing=True;
+- phitune uses its configured attention, packed_sdpa (phitune.modeling.attention);
+  phitune-densemask uses transformers' sdpa with the dense [T, T] block mask (phitune before
+  packed_sdpa landed).
 - phitune-varlen: phitune exactly, except that the model's attention is
   varlen_sdpa_attention below (causal SDPA per example of the packed row instead
   of one SDPA over the whole row with a [T, T] block-diagonal mask): a prototype of
@@ -63,8 +66,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "support_train.jsonl"
-DEFAULT_PEERS = ("phitune", "trainer", "trl", "phitune-varlen")
-ALL_PEERS = ("phitune", "trainer", "trl", "trl-gc", "phitune-varlen")
+DEFAULT_PEERS = ("phitune", "trainer", "trl", "phitune-densemask")
+ALL_PEERS = ("phitune", "trainer", "trl", "trl-gc", "phitune-densemask", "phitune-varlen")
 TARGET_VS_TRL = 1.3  # issue 2: phitune at least 1.3x TRL's tokens/s
 
 LORA = dict(rank=8, alpha=16, dropout=0.05, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
@@ -218,7 +221,8 @@ def _make_profiler(args):
                    record_shapes=False, with_stack=False)
 
 
-def run_phitune(args, tokenizer, conversations, clock: StepClock, varlen: bool = False) -> dict:
+def run_phitune(args, tokenizer, conversations, clock: StepClock, varlen: bool = False,
+                densemask: bool = False) -> dict:
     import transformers
     from omegaconf import OmegaConf
 
@@ -231,7 +235,9 @@ def run_phitune(args, tokenizer, conversations, clock: StepClock, varlen: bool =
 
     encodings = _encodings(tokenizer, conversations)
     transformers.set_seed(SEED)
-    attn = register_varlen_attention() if varlen else None
+    # phitune as configured (conf/model/tiny-phi3.yaml: packed_sdpa); densemask: transformers' sdpa with
+    # the dense [T, T] block mask (phitune before packed_sdpa); varlen: the bench's original prototype.
+    attn = register_varlen_attention() if varlen else ("sdpa" if densemask else "packed_sdpa")
     model = apply_training_method(_base_model(attn), _lora_train_cfg(), MODEL_CFG)
     clock.attach(model.get_base_model())
     opt_cfg = OmegaConf.structured(OptimizerConfig(name="adamw", scheduler="constant", warmup_ratio=0.0,
@@ -354,8 +360,9 @@ def child(args) -> None:
     if clock.profiler is not None:
         clock.profiler.start()
     t0 = time.perf_counter()
-    if args.peer in ("phitune", "phitune-varlen"):
-        extra = run_phitune(args, tokenizer, conversations, clock, varlen=args.peer == "phitune-varlen")
+    if args.peer in ("phitune", "phitune-varlen", "phitune-densemask"):
+        extra = run_phitune(args, tokenizer, conversations, clock, varlen=args.peer == "phitune-varlen",
+                            densemask=args.peer == "phitune-densemask")
     elif args.peer == "trainer":
         extra = run_trainer(args, tokenizer, conversations, clock)
     elif args.peer in ("trl", "trl-gc"):
@@ -462,6 +469,9 @@ def parent(args) -> None:
                 if p == "trl":
                     line += f"  (target >= {TARGET_VS_TRL}x: {'met' if ref / med[p] >= TARGET_VS_TRL else 'NOT met'})"
                 print(line)
+    if "phitune-densemask" in med:
+        print(f"phitune / phitune-densemask (dense [T, T] mask): {med['phitune'] / med['phitune-densemask']:.2f}x "
+              f"(per CPU-second: {med_cpu['phitune'] / med_cpu['phitune-densemask']:.2f}x)")
     if "phitune-varlen" in med:
         for p, label in (("trl", "TRL"), ("trainer", "HF Trainer")):
             if p in med:
