@@ -121,11 +121,11 @@ def test_samplers_azure_lacks_are_refused(sampler, match):
 @pytest.mark.parametrize("pruner, cls, fields", [
     (None, type(None), {}),
     ("none", type(None), {}),
-    ({"name": "median"}, MedianStoppingPolicy, {"evaluation_interval": 1, "delay_evaluation": 0}),
+    ({"name": "median"}, MedianStoppingPolicy, {"evaluation_interval": 1, "delay_evaluation": 1}),
     ({"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "evaluation_interval": 2,
       "delay_evaluation": 1}, MedianStoppingPolicy, {"evaluation_interval": 2, "delay_evaluation": 1}),
     ({"name": "successive_halving", "reduction_factor": 3}, BanditPolicy,
-     {"slack_factor": 0.1, "evaluation_interval": 1, "delay_evaluation": 0}),
+     {"slack_factor": 0.1, "evaluation_interval": 1, "delay_evaluation": 1}),
     ({"name": "hyperband", "slack_factor": 0.2, "delay_evaluation": 2}, BanditPolicy,
      {"slack_factor": 0.2, "delay_evaluation": 2}),
     ({"name": "hyperband", "slack_amount": 0.05}, BanditPolicy, {"slack_amount": 0.05}),
@@ -155,9 +155,14 @@ def test_direction():
 
 @pytest.mark.parametrize("params, sweeper, match", [
     ({"train.learning_rate_multiplier": "tag(log, interval(0.1, 10))"}, {"sampler": "tpe"},
-     "bayesian sampling accepts only choice, uniform and quniform.*loguniform"),
+     r"bayesian sampling \(sampler tpe\) accepts only choice, uniform and quniform.*loguniform"),
     ({"train.learning_rate_multiplier": "interval(0.1, 10)"}, {"sampler": "tpe", "pruner": "median"},
-     "bayesian sampling does not support early termination"),
+     "does not support early termination.*pruner.name=none"),
+    # The default sweep (sweeps/default.yaml): both reasons at once, and the one fix for both.
+    ({"train.learning_rate_multiplier": "tag(log, interval(0.2, 5.0))", "train.epochs": "range(1, 4)"},
+     {"sampler": {"name": "tpe", "seed": 42}, "pruner": {"name": "median", "n_warmup_steps": 10}},
+     "loguniform.*does not support early termination.*sampler.name=random"),
+    ({"train.epochs": "choice(1, 2)"}, {"sampler": "random", "metric": "bleu"}, "metric=bleu"),
     ({"train.learning_rate_multiplier": "interval(0.1, 10)"}, {"sampler": "grid"},
      "grid sampling accepts only choice"),
     ({"train.epochs": "int(interval(1, 3))"}, {"sampler": "grid"}, "grid sampling accepts only choice"),

@@ -158,11 +158,12 @@ def check_budget(settings, estimate: CostEstimate) -> None:
                            f"({estimate.basis}); nothing was submitted")
 
 
-def report(tokens: Optional[TokenEstimate], estimate: CostEstimate, out=None) -> None:
+def report(tokens: Optional[TokenEstimate], estimate: CostEstimate, out=None, trials: int = 1) -> None:
     out = out or sys.stdout
     if tokens is not None:
         how = "counted with" if tokens.exact else "estimated at"
-        print(f"billed training tokens: {tokens.tokens_per_epoch:,} per epoch x {tokens.epochs} epochs = "
+        per = " per trial (at most)" if trials > 1 else ""
+        print(f"billed training tokens{per}: {tokens.tokens_per_epoch:,} per epoch x {tokens.epochs} epochs = "
               f"{tokens.billed_tokens:,} ({tokens.n_examples} examples, {how} {tokens.counted_with})", file=out)
     if estimate.amount is not None:
         print(f"estimated cost: {estimate.amount:,.2f} ({estimate.basis})", file=out)
@@ -180,6 +181,6 @@ def preflight(cfg, settings, trials: int = 1, epochs=None, remote_data: bool = F
         prepared = prepare_data(cfg)  # DataError (already printed) when the data is unusable
         tokens = token_estimate(cfg, epochs=epochs, prepared=prepared)
     estimate = estimate_cost(settings, tokens, trials=trials)
-    report(tokens, estimate)
+    report(tokens, estimate, trials=trials)
     check_budget(settings, estimate)
     return tokens, estimate, prepared

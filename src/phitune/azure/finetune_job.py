@@ -219,6 +219,10 @@ def submit_finetuning(cfg, settings, *, credential=None, transport=None, sleep=N
     from phitune.azure import cost
     from phitune.azure.workspace import azure_errors
 
+    if not settings.dry_run:
+        from phitune.azure.settings import require_workspace
+
+        require_workspace(settings, "foundry")
     if getattr(cfg.model, "builtin", None):
         print(f"note: model={cfg.model.name} locally; Foundry fine-tunes {model_name_from_uri(settings.model)}; "
               f"batch size and learning rate are derived from model={cfg.model.name}'s base values", file=sys.stderr)

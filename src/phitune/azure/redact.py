@@ -105,7 +105,13 @@ _FILTERED_LOGGERS = ("azure", "azure.core.pipeline.policies.http_logging_policy"
 
 
 def install_log_filter(secrets: Optional[set] = None) -> RedactingFilter:
-    """Attach one RedactingFilter to the azure and phitune loggers and to the root handlers."""
+    """Attach one RedactingFilter to the azure and phitune loggers and to the root handlers.
+
+    Also quiets azure-ai-ml's "This is an experimental class" notices: phitune uses the
+    experimental fine-tuning API on purpose (docs/azure.md says so), and a dozen such
+    lines would bury the cost estimate and the job's status.
+    """
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
     flt = RedactingFilter(secrets)
     for name in _FILTERED_LOGGERS:
         logger = logging.getLogger(name)

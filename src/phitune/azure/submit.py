@@ -48,6 +48,10 @@ def submit_command(cfg, overrides: list[str], settings, *, credential=None, tran
     from phitune.azure.command_job import build_command_job, data_inputs, dump_job, is_remote_uri
     from phitune.azure.workspace import azure_errors, follow, ml_client, raise_if_failed, studio_url
 
+    from phitune.azure.settings import require_workspace
+
+    if not settings.dry_run:
+        require_workspace(settings, "azureml")  # before minutes of tokenizing
     # Build first: a bad override or missing file is reported before the data is tokenized.
     job = build_command_job(cfg, overrides, settings)
     remote = any(is_remote_uri(p) for p in data_inputs(cfg).values())

@@ -37,22 +37,31 @@ Sampler (hydra.sweeper.sampler) -> sampling_algorithm:
 | grid         | grid                      | choice (and range) only                                |
 | cmaes, other | refused                   | Azure ML has no CMA-ES or other samplers               |
 
-Pruner (hydra.sweeper.pruner) -> early_termination (Azure counts intervals in
-reports of the primary metric, i.e. epochs with train.full_eval_each_epoch=true;
-Optuna counts optimizer steps, so step-based settings are not carried over and
-the Azure settings are read from the pruner's config under Azure's names):
+Pruner (hydra.sweeper.pruner) -> early_termination. Azure counts intervals in
+reports of the primary metric (one per epoch: the trainer logs full_valid_loss at
+each epoch's end), Optuna counts optimizer steps, so the step-based settings
+(n_warmup_steps, interval_steps, min_resource, n_startup_trials) are not carried
+over; the Azure settings are read from the pruner's config under Azure's names
+when present, else the defaults below:
 
-| Optuna pruner                 | Azure ML policy                   | parameters (defaults)                                        |
-|-------------------------------|-----------------------------------|--------------------------------------------------------------|
-| none / nop                    | none                              |                                                              |
-| median                        | MedianStoppingPolicy              | evaluation_interval (1), delay_evaluation (0)                |
-| successive_halving, hyperband | BanditPolicy                      | slack_factor (0.1) or slack_amount, evaluation_interval (1), delay_evaluation (0) |
-| percentile                    | TruncationSelectionPolicy         | truncation_percentage = 100 - percentile, evaluation_interval, delay_evaluation |
-| threshold, patient, wilcoxon  | refused                           | no Azure ML counterpart                                      |
+| Optuna pruner                 | Azure ML policy            | parameters (defaults)                                                    |
+|-------------------------------|----------------------------|--------------------------------------------------------------------------|
+| none / nop                    | none                       |                                                                          |
+| median                        | MedianStoppingPolicy       | evaluation_interval (1), delay_evaluation (1)                            |
+| successive_halving, hyperband | BanditPolicy               | slack_factor (0.1) or slack_amount, evaluation_interval (1), delay_evaluation (1) |
+| percentile                    | TruncationSelectionPolicy  | truncation_percentage = 100 - percentile, evaluation_interval, delay_evaluation |
+| threshold, patient, wilcoxon  | refused                    | no Azure ML counterpart                                                  |
+
+delay_evaluation defaults to 1 so no trial is stopped on its first report, as the
+local sweep never prunes at the first evaluation. Successive halving keeps the
+best 1/reduction_factor of trials per rung; Azure's closest policy, Bandit, keeps
+the trials within slack_factor of the best so far, so the two are not equivalent
+and the slack is Azure's documented example value unless given.
 
 Limits: n_trials -> max_total_trials, n_jobs -> max_concurrent_trials,
 timeout (s) -> timeout, backend.timeout_minutes -> trial_timeout.
-Objective: primary_metric `full_valid_loss`, goal from `direction`.
+Objective: primary_metric `full_valid_loss` (or hydra.sweeper.metric, if one of the
+metrics the trainer logs), goal from `direction`.
 Everything refused raises PhituneError before a request is built or sent.
 """
 from __future__ import annotations
@@ -69,6 +78,9 @@ from omegaconf import OmegaConf
 from phitune.errors import PhituneError
 
 PRIMARY_METRIC = "full_valid_loss"
+# What the trainer logs to MLflow, so what Azure can read as a primary metric.
+METRICS = ("full_valid_loss", "full_valid_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+           "train_loss", "train_mean_token_accuracy", "perplexity")
 
 SAMPLERS = {"tpe": "bayesian", "random": "random", "grid": "grid", "qmc": "random"}
 _SAMPLER_CLASSES = {"TPESampler": "tpe", "RandomSampler": "random", "GridSampler": "grid", "CmaEsSampler": "cmaes",
@@ -194,8 +206,8 @@ def sampling_algorithm(sampler):
     name, opts = _named(sampler if sampler is not None else "tpe", _SAMPLER_CLASSES, "sampler")
     if name not in SAMPLERS:
         raise PhituneError(f"hydra.sweeper.sampler={name}: Azure ML sweep jobs have no {name} sampling "
-                           "(they offer bayesian, random (incl. sobol) and grid); use sampler tpe, random, qmc "
-                           "or grid with backend=azureml, or run this sweep with backend=local")
+                           "(they offer bayesian, random (incl. sobol) and grid); set hydra.sweeper.sampler.name="
+                           "tpe, random, qmc or grid with backend=azureml, or run this sweep with backend=local")
     seed = opts.get("seed")
     if name == "tpe":
         return BayesianSamplingAlgorithm(), name
@@ -216,7 +228,9 @@ def early_termination(pruner):
 
     name, opts = _named(pruner, _PRUNER_CLASSES, "pruner")
     interval = int(opts.get("evaluation_interval", 1))
-    delay = int(opts.get("delay_evaluation", 0))
+    # Never stop a trial on its first full_valid_loss report (the first epoch is the noisiest),
+    # as the local sweep's n_warmup_steps never prunes at the first evaluation.
+    delay = int(opts.get("delay_evaluation", 1))
     if interval < 1 or delay < 0:
         raise PhituneError("hydra.sweeper.pruner: evaluation_interval must be >= 1 and delay_evaluation >= 0")
     if name in ("none", "nop", "null", ""):
@@ -239,8 +253,8 @@ def early_termination(pruner):
         return TruncationSelectionPolicy(truncation_percentage=truncation, evaluation_interval=interval,
                                          delay_evaluation=delay), name
     raise PhituneError(f"hydra.sweeper.pruner={name}: Azure ML has no equivalent early-termination policy "
-                       "(it offers median stopping, bandit and truncation selection); use pruner median, "
-                       "successive_halving, hyperband, percentile or none with backend=azureml")
+                       "(it offers median stopping, bandit and truncation selection); set hydra.sweeper.pruner.name="
+                       "median, successive_halving, hyperband, percentile or none with backend=azureml")
 
 
 def goal(direction) -> str:
@@ -256,24 +270,37 @@ def goal(direction) -> str:
     return text
 
 
+def primary_metric(sweeper_cfg) -> str:
+    """hydra.sweeper.metric (default full_valid_loss), which must be a metric the trainer logs."""
+    metric = str(_get(sweeper_cfg, "metric", PRIMARY_METRIC) or PRIMARY_METRIC)
+    if metric not in METRICS:
+        raise PhituneError(f"hydra.sweeper.metric={metric}: Azure ML reads the primary metric from the trial's MLflow "
+                           f"run, which logs {', '.join(METRICS)}")
+    return metric
+
+
 def check_combination(algorithm_name: str, params: list, policy) -> None:
-    """What Azure ML refuses, refused here first, with the reason."""
+    """What Azure ML refuses, refused here first, with every reason and the smallest fix."""
+    reasons = []
     if algorithm_name == "tpe":
         bad = [p for p in params if p.kind not in BAYESIAN_KINDS]
         if bad:
             listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
-            raise PhituneError(
-                f"sampler tpe -> Azure ML bayesian sampling accepts only choice, uniform and quniform; "
-                f"not {listing}. Use hydra.sweeper.sampler=random, or a plain interval/choice for these")
+            reasons.append(f"Azure ML bayesian sampling (sampler tpe) accepts only choice, uniform and quniform, "
+                           f"not {listing}")
         if policy is not None:
-            raise PhituneError(
-                "sampler tpe -> Azure ML bayesian sampling does not support early termination; set "
-                "hydra.sweeper.pruner=none, or use hydra.sweeper.sampler=random to keep the pruner")
+            reasons.append("Azure ML bayesian sampling (sampler tpe) does not support early termination "
+                           "(the pruner)")
+        if reasons:
+            fix = ("set hydra.sweeper.sampler.name=random (keeps the search space and the pruner)" if bad else
+                   "set hydra.sweeper.pruner.name=none, or hydra.sweeper.sampler.name=random to keep the pruner")
+            raise PhituneError("; ".join(reasons) + f". Nothing was sent; {fix}")
     if algorithm_name == "grid":
         bad = [p for p in params if p.kind not in GRID_KINDS]
         if bad:
             listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
-            raise PhituneError(f"sampler grid -> Azure ML grid sampling accepts only choice (or range); not {listing}")
+            raise PhituneError(f"Azure ML grid sampling accepts only choice (or range), not {listing}. Nothing was "
+                               "sent; use choice(...)/range(...) for these, or hydra.sweeper.sampler.name=random")
 
 
 def translate(params: Mapping[str, str]) -> "tuple[list, list]":
@@ -343,6 +370,7 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     policy, _ = early_termination(_get(sweeper_cfg, "pruner"))
     check_combination(algorithm_name, swept, policy)
     objective_goal = goal(_get(sweeper_cfg, "direction", "minimize"))
+    metric = primary_metric(sweeper_cfg)
     n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
     n_jobs = int(_get(sweeper_cfg, "n_jobs", 1) or 1)
     timeout = _get(sweeper_cfg, "timeout")
@@ -376,7 +404,7 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     trial = trial(**{p.name: p.distribution for p in swept})
     node = trial.sweep(
         sampling_algorithm=algorithm,
-        primary_metric=PRIMARY_METRIC,
+        primary_metric=metric,
         goal=objective_goal,
         early_termination_policy=policy,
         compute=settings.compute,
@@ -390,7 +418,7 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     job = node._to_job()
     job.experiment_name = experiment_name(cfg, settings)
     job.display_name = settings.display_name
-    job.description = f"phitune sweep: {n_trials} trials of python train.py, {PRIMARY_METRIC} {objective_goal}"
+    job.description = f"phitune sweep: {n_trials} trials of python train.py, {metric} {objective_goal}"
     job.tags = job_tags(cfg, settings, "sweep")
     return job
 
@@ -418,6 +446,10 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
     if settings.name != "azureml":
         raise PhituneError(f"backend={settings.name}: sweeps run on Azure ML only (backend=azureml); "
                            "Foundry serverless fine-tuning has no sweep")
+    if not settings.dry_run:
+        from phitune.azure.settings import require_workspace
+
+        require_workspace(settings, "azureml")
     job = build_sweep_job(config, params, sweeper_cfg, settings, overrides=overrides)  # refusals happen here
     n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
     remote = any(is_remote_uri(p) for p in data_inputs(config).values())
