@@ -169,3 +169,14 @@ def test_a_storage_password_reaches_jobs_through_the_environment(monkeypatch):
     monkeypatch.delenv(st.STORAGE_ENV)
     with pytest.raises(PhituneError, match=f"{st.STORAGE_ENV} is not set"):
         st.resolve_storage_ref(ref)
+
+
+def test_batch_size_follows_the_launcher_unless_set():
+    from phitune.sweep.driver import batch_size
+
+    assert batch_size(None, None) == 1  # Hydra's basic launcher: one trial at a time
+    assert batch_size(None, 3) == 3  # hydra/launcher=joblib hydra.launcher.n_jobs=3
+    assert batch_size(2, 8) == 2
+    assert batch_size(None, -1) >= 1
+    with pytest.raises(PhituneError, match="n_jobs=0"):
+        batch_size(0, None)

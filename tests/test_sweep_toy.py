@@ -183,7 +183,7 @@ def test_two_workers_complete_one_study_without_duplicates(tmp_path):
 
 def test_joblib_launcher_runs_trials_in_worker_processes(tmp_path):
     s = make_stores(tmp_path)
-    res = run(toy_cmd(*s.overrides(), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
+    res = run(toy_cmd(*s.overrides(), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",  # sweeper: batches of 2
                       "hydra.sweeper.n_trials=4", "hydra.sweeper.pruner.name=threshold",
                       "hydra.sweeper.pruner.upper=100", "toy.fail_trials=[3]", "hydra.sweeper.plots=false"))
     assert res.returncode == 0, res.stdout + res.stderr

@@ -124,8 +124,7 @@ class Sweep:
         self.pruner_spec = st.pruner_spec(self.s.pruner)
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
-        if int(self.s.n_jobs) < 1:
-            raise PhituneError(f"hydra.sweeper.n_jobs={self.s.n_jobs}: expected 1 or more")
+        self.n_jobs = batch_size(self.s.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher.n_jobs", default=None))
         self.n_trials = int(self.s.n_trials)
         if self.n_trials < 1:
             raise PhituneError(f"hydra.sweeper.n_trials={self.n_trials}: expected 1 or more")
@@ -237,7 +236,7 @@ class Sweep:
                 continue
             waiting_said = False
             self._recover()  # a dead worker's trial goes back in the queue before new ones are asked
-            batch = self._ask_batch(min(int(self.s.n_jobs), free))
+            batch = self._ask_batch(min(self.n_jobs, free))
             if batch:
                 self._launch(batch)
                 self._check_failures()
@@ -432,6 +431,19 @@ class Sweep:
             params = " ".join(sp.override(k, v) for k, v in best.params.items())
             print(f"sweep {self.study_name}: best {self.metric} {best.value:.4g} (trial {best.number}): {params}")
         print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
+
+
+def batch_size(n_jobs, launcher_n_jobs) -> int:
+    """hydra.sweeper.n_jobs, else the launcher's (joblib: -1 = all cores), else 1."""
+    import os
+
+    if n_jobs is None:
+        n_jobs = launcher_n_jobs if launcher_n_jobs is not None else 1
+        if int(n_jobs) < 0:  # joblib's convention: -1 = every core, -2 = all but one...
+            n_jobs = max(1, (os.cpu_count() or 1) + 1 + int(n_jobs))
+    if int(n_jobs) < 1:
+        raise PhituneError(f"hydra.sweeper.n_jobs={n_jobs}: expected 1 or more")
+    return int(n_jobs)
 
 
 def _is_pruned(exc) -> bool:

@@ -54,7 +54,9 @@ class PhituneOptunaSweeperConf:
     study_name: Optional[str] = None  # null = <tracking.experiment>-<sweep name>
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
-    n_jobs: int = 1  # trials launched per batch; >1 only helps with a parallel launcher (joblib)
+    # Trials launched per batch. null = the launcher's n_jobs (hydra/launcher=joblib
+    # hydra.launcher.n_jobs=2 runs 2 trials at a time), or 1 for Hydra's basic launcher.
+    n_jobs: Optional[int] = None
     max_failure_rate: float = 0.5  # stop when failed / finished trials exceeds this
     max_retries: int = 2  # a trial killed mid-run (stale heartbeat, Ctrl-C) is re-run this often
     max_total_tokens: Optional[int] = None  # training tokens over all trials; then no new trial
