@@ -232,3 +232,15 @@ def test_azure_errors_are_one_line_messages(tmp_path):
 
     with pytest.raises(PhituneError, match="sign-in failed.*az login"):
         submit(cfg, overrides, credential=NoLogin(), transport=_workspace_transport())
+
+
+def test_local_model_folder_becomes_an_input(tmp_path):
+    model = tmp_path / "my-phi3"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = compose_cfg(["backend=azureml", f"model.path={model}"])
+    job = build_command_job(cfg, [f"model.path={model}", "train.epochs=1"], backend_settings(cfg.backend),
+                            code_dir=str(small_project(tmp_path)))
+    assert job.inputs["model_path"].type == "uri_folder"
+    args = shlex.split(job.command)
+    assert "model.path=${{inputs.model_path}}" in args and f"model.path={model}" not in args

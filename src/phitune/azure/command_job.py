@@ -19,11 +19,10 @@ The remote job runs the same entry point with the same overrides:
 """
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Iterable, Optional
-
-from omegaconf import OmegaConf
 
 from phitune.azure.redact import check_overrides, redact_tree, safe_env
 from phitune.errors import PhituneError
@@ -36,8 +35,9 @@ ENTRY = "python train.py"
 # `trial.*` and `tracking.parent_run_id` belong to a local Optuna study.
 LOCAL_ONLY = ("backend", "hydra", "trial", "tracking.uri", "tracking.artifact_root", "tracking.parent_run_id")
 
-# Data paths that become job inputs (key in the config -> input name).
-DATA_INPUTS = {"data.train_file": "train_file", "data.validation_file": "validation_file"}
+# Local paths that become job inputs (key in the config -> input name), so the remote
+# machine gets the files: the data, and a local model folder (model.path) if one is used.
+DATA_INPUTS = {"data.train_file": "train_file", "data.validation_file": "validation_file", "model.path": "model_path"}
 
 
 def override_key(override: str) -> str:
@@ -72,8 +72,6 @@ def shell_join(args: Iterable[str]) -> str:
 
 
 def _is_plain(arg: str) -> bool:
-    import re
-
     return re.fullmatch(r"[A-Za-z0-9_.+~/=:@,-]+|[A-Za-z0-9_.+~/:-]+=\$\{\{(inputs|search_space)\.[A-Za-z0-9_]+\}\}", arg) is not None
 
 
@@ -93,7 +91,7 @@ def project_root(code_dir: Optional[str] = None) -> Path:
 
 
 def data_inputs(cfg) -> dict:
-    """{input name: local path or URI} for the data files the run reads."""
+    """{input name: local path or URI} for the files the run reads (data, and model.path if set)."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
@@ -104,6 +102,8 @@ def data_inputs(cfg) -> dict:
     mode = str(cfg.data.get("validation", "file"))
     if mode == "file" and cfg.data.get("validation_file"):
         files["validation_file"] = str(cfg.data.validation_file)
+    if cfg.model.get("path"):
+        files["model_path"] = str(cfg.model.path)
     return files
 
 
@@ -111,15 +111,17 @@ def is_remote_uri(path: str) -> bool:
     return path.startswith(("azureml:", "https://", "http://", "wasbs://", "abfss://", "adl://"))
 
 
-def _input(path: str):
+def _input(path: str, name: str = "train_file"):
     from azure.ai.ml import Input
 
+    kind = "uri_folder" if name == "model_path" else "uri_file"
     if not is_remote_uri(path):
         p = Path(path).expanduser()
-        if not p.is_file():
-            raise PhituneError(f"{path}: no such file (data for the Azure job)")
+        if not (p.is_dir() if kind == "uri_folder" else p.is_file()):
+            what = "folder (model.path)" if kind == "uri_folder" else "file (data for the Azure job)"
+            raise PhituneError(f"{path}: no such {what}")
         path = str(p.resolve())
-    return Input(type="uri_file", path=path)
+    return Input(type=kind, path=path)
 
 
 def environment(settings):
@@ -156,7 +158,7 @@ def build_command_job(cfg, overrides: list[str], settings, code_dir: Optional[st
     """The azure.ai.ml Command for one training run (built offline; nothing is sent)."""
     from azure.ai.ml import PyTorchDistribution, command
 
-    inputs = {name: _input(path) for name, path in data_inputs(cfg).items()}
+    inputs = {name: _input(path, name) for name, path in data_inputs(cfg).items()}
     root = project_root(code_dir or settings.code_dir)
     kwargs = {}
     if settings.instance_count > 1:
@@ -225,7 +227,3 @@ def _relativize_paths(path: Path) -> None:
 
     fix(data)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-
-def config_summary(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

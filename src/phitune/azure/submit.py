@@ -54,7 +54,7 @@ def submit_command(cfg, overrides: list[str], settings, *, credential=None, tran
         require_workspace(settings, "azureml")  # before minutes of tokenizing
     # Build first: a bad override or missing file is reported before the data is tokenized.
     job = build_command_job(cfg, overrides, settings)
-    remote = any(is_remote_uri(p) for p in data_inputs(cfg).values())
+    remote = any(is_remote_uri(p) for k, p in data_inputs(cfg).items() if k != "model_path")
     cost.preflight(cfg, settings, trials=1, remote_data=remote)
     if settings.dry_run:
         path = dump_job(job, Path(settings.output_dir) / "job.yaml")

@@ -378,7 +378,7 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
         raise PhituneError("hydra.sweeper.n_trials and n_jobs must be >= 1")
     check_overrides(fixed)
 
-    inputs = {name: _input(path) for name, path in data_inputs(cfg).items()}
+    inputs = {name: _input(path, name) for name, path in data_inputs(cfg).items()}
     bindings = [f"{key}=${{{{inputs.{name}}}}}" for key, name in DATA_INPUTS.items() if name in inputs]
     swept_args = [f"{p.path}=int(${{{{inputs.{p.name}}}}})" if p.cast_int else f"{p.path}=${{{{inputs.{p.name}}}}}"
                   for p in swept]
@@ -452,7 +452,7 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
         require_workspace(settings, "azureml")
     job = build_sweep_job(config, params, sweeper_cfg, settings, overrides=overrides)  # refusals happen here
     n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
-    remote = any(is_remote_uri(p) for p in data_inputs(config).values())
+    remote = any(is_remote_uri(p) for k, p in data_inputs(config).items() if k != "model_path")
     swept, _ = translate(params)
     cost.preflight(config, settings, trials=n_trials, epochs=_epoch_candidates(swept), remote_data=remote)
     if settings.dry_run:
