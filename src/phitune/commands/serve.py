@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger bodies get 413 (default: 1000000)")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="max_tokens when a request sets none (default: 256)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for generation (default: torch's choice, one per core); a small model on a "
+                        "busy machine is often fastest with 1")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_filter_arguments(p)
     p.set_defaults(func=_serve)
@@ -102,6 +105,12 @@ def _run(args) -> int:
             raise PhituneError(f"{flag} {value}: too small")
     if args.timeout <= 0:
         raise PhituneError(f"--timeout {args.timeout}: must be positive")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PhituneError(f"--threads {args.threads}: must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     prompt_filter, completion_filter = filters_from_args(args)  # a bad filter config fails before the model loads
     key, key_source = resolve_api_key(args.api_key_file)
     tracking_uri = model_source.tracking_uri_or_default(args.tracking_uri)

@@ -203,7 +203,8 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
             raise APIError(503, f"The content filter is unavailable: {prompt_verdict.error}", "server_error", None,
                            "content_filter_unavailable")
         try:
-            job = engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p, req.stop, req.seed))
+            job = engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p, req.stop, req.seed,
+                                          req.stream))
         except QueueFull:
             raise APIError(429, f"The server is busy: {engine.max_queue} requests are already waiting. Retry shortly.",
                            "rate_limit_error", None, "rate_limit_exceeded", headers={"Retry-After": "1"}) from None

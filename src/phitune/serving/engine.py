@@ -9,8 +9,8 @@ stops at the next token, and the client gets a timeout error. A job whose client
 went away is cancelled the same way, so nobody's tokens are generated for nothing.
 
 The worker reports to the request's event loop through an asyncio.Queue:
-("start", prompt_tokens), ("delta", text)..., then ("done", result) or
-("error", APIError) or ("timeout", None).
+("start", prompt_tokens), ("delta", text)... (streaming requests only), then
+("done", result) or ("error", APIError) or ("timeout", None).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class GenParams:
     top_p: float
     stop: list
     seed: int | None
+    stream: bool = True  # False: no ("delta", ...) events, only the result (one wake-up per request, not per token)
 
 
 class Job:
@@ -152,6 +153,7 @@ class Engine:
                 tokens.close()
                 job.emit("timeout")
                 return
-            job.emit("delta", delta)
+            if p.stream:
+                job.emit("delta", delta)
         self.served += 1
         job.emit("done", dict(g.last_result))
