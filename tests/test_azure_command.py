@@ -52,6 +52,7 @@ def small_project(tmp_path):
     (["+backend.extra=1", "~backend.follow", "train.lora.rank=16"], ["train.lora.rank=16"]),
     (["hydra.run.dir=x", "hydra/launcher=joblib", "model=tiny-phi3"], ["model=tiny-phi3"]),
     (["tracking.uri=sqlite:///x.db", "tracking.experiment=e", "trial.number=3"], ["tracking.experiment=e"]),
+    (["sweep=lr-only", "train.epochs=1"], ["train.epochs=1"]),
     (["data.train_file=/a.jsonl", "data.validation=auto"], ["data.validation=auto"]),
 ])
 def test_remote_overrides_drop_submission_only_keys(overrides, kept):

@@ -32,8 +32,10 @@ ENTRY = "python train.py"
 
 # Override keys that configure this submission, not the training run: they must
 # not reach the remote side (backend=azureml there would submit again, forever).
-# `trial.*` and `tracking.parent_run_id` belong to a local Optuna study.
-LOCAL_ONLY = ("backend", "hydra", "trial", "tracking.uri", "tracking.artifact_root", "tracking.parent_run_id")
+# `trial.*`, `tracking.parent_run_id` and `sweep=NAME` (a sweeps/ file: hydra.sweeper
+# settings) belong to the local Optuna sweeper; a remote trial gets its values bound.
+LOCAL_ONLY = ("backend", "hydra", "trial", "sweep", "tracking.uri", "tracking.artifact_root",
+              "tracking.parent_run_id")
 
 # Local paths that become job inputs (key in the config -> input name), so the remote
 # machine gets the files: the data, and a local model folder (model.path) if one is used.
