@@ -161,13 +161,19 @@ def evaluate_model_uri(cfg) -> dict:
 
     from phitune.evaluation.source import resolve_model
 
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        model_uri, test_file = str(cfg.model_uri), str(cfg.data.test_file)
+    except MissingMandatoryValue:
+        raise PhituneError("say what to evaluate on what: model_uri=MODEL_URI data.test_file=FILE "
+                           "(MODEL_URI: models:/NAME@ALIAS, runs:/RUN_ID/model, a checkpoint folder...)") from None
     settings = settings_from(cfg.get("eval"))
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    test_file = str(cfg.data.test_file)
     # The data first: a bad file stops before any model is downloaded or loaded.
     conversations, digest = load_conversations(test_file, settings.limit, cfg.data.get("allow_warnings", True))
     with tempfile.TemporaryDirectory(prefix="phitune-eval-") as tmp:
-        source = resolve_model(str(cfg.model_uri), Path(tmp), cfg.get("model"))
+        source = resolve_model(model_uri, Path(tmp), cfg.get("model"))
         print(f"evaluating {source.describe()} on {test_file} ({len(conversations)} conversations)", file=sys.stderr)
         result = score(source, conversations, settings, cfg.data.get("max_seq_len"))
 
