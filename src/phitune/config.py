@@ -43,6 +43,7 @@ class DataConfig:
     auto_fraction: float = 0.1
     split_seed: int = 42
     max_seq_len: Optional[int] = None  # tokens; None = model.context_length
+    test_file: Optional[str] = None  # held-out conversations for the end-of-run evaluation (else validation)
     allow_warnings: bool = True
     # Issue 5: screen the data with the content filter before training.
     safety_check: bool = False
@@ -102,6 +103,19 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalSettings:
+    # First N conversations of the file for everything (None = all of them).
+    limit: Optional[int] = None
+    # Of those, how many get a generated reply for the generation metrics (None = all).
+    # Greedy decoding costs one forward pass per new token: keep this small on a CPU.
+    generation_limit: Optional[int] = 16
+    max_new_tokens: int = 64  # tokens per generated reply
+    batch_size: int = 8  # conversations per packed forward pass of the teacher-forced loss
+    device: str = "auto"  # auto | cpu | cuda | mps
+    log: bool = True  # log the results to MLflow (a new run tagged phitune.eval_of=<source run>)
+
+
+@dataclass
 class TrialConfig:
     """Set by phitune's Optuna sweeper: the job finds its trial through storage."""
 
@@ -119,6 +133,7 @@ class PhituneConfig:
     backend: Any = MISSING  # each backend's factory validates its own fields
     train: TrainConfig = field(default_factory=TrainConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)  # train.evaluate_at_end
     seed: int = 42
     resume: bool = False
 

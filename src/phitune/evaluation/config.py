@@ -12,20 +12,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from phitune.config import ModelConfig, TrackingConfig
-
-
-@dataclass
-class EvalSettings:
-    # First N conversations of the file for everything (None = all of them).
-    limit: Optional[int] = None
-    # Of those, how many get a generated reply for the generation metrics (None = all).
-    # Greedy decoding costs one forward pass per new token: keep this small on a CPU.
-    generation_limit: Optional[int] = 16
-    max_new_tokens: int = 64  # tokens per generated reply
-    batch_size: int = 8  # conversations per packed forward pass of the teacher-forced loss
-    device: str = "auto"  # auto | cpu | cuda | mps
-    log: bool = True  # log the results to MLflow (a new run tagged phitune.eval_of=<source run>)
+from phitune.config import EvalSettings, ModelConfig, TrackingConfig  # noqa: F401 (EvalSettings re-exported)
 
 
 @dataclass
