@@ -32,6 +32,7 @@ import os
 import platform
 import signal
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def main() -> int:
                    help="torch threads per server, set for both through OMP_NUM_THREADS (default 1: a tiny model "
                         "gains nothing from more, and on a busy machine 2+ OpenMP threads per process stall each other)")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (model store, server logs)")
     args = p.parse_args()
     if bool(args.tracking_uri) != bool(args.model):
         p.error("--tracking-uri and --model go together")
@@ -269,6 +271,8 @@ def main() -> int:
     finally:
         for s in servers:
             s.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     rows = [("sequential p50 latency (ms)", "seq_p50_ms"), ("sequential p95 latency (ms)", "seq_p95_ms"),
             ("sequential tokens/s", "seq_tok_s"), (f"{args.clients} clients p50 latency (ms)", "conc_p50_ms"),

@@ -59,7 +59,8 @@ def describe_filter(prompt_filter, completion_filter) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint",
-                              description=__doc__.splitlines()[0])
+                              description=" ".join(__doc__.split("\n\n")[0].split()),
+                              epilog="API, errors, content filter and deployments: docs/serving.md")
     p.add_argument("model_uri", metavar="MODEL_URI",
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
