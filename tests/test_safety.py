@@ -355,7 +355,7 @@ def test_training_run_refuses_flagged_data_unless_allowed(tmp_path, capsys):
     valid = _write(tmp_path / "valid.jsonl", FLAGGED[:1])
     overrides = [f"data.train_file={train}", f"data.validation_file={valid}", "data.safety_check=true",
                  f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", f"train.output_dir={tmp_path}/ckpt",
-                 "train.progress=false"]
+                 "train.progress=false", "train.evaluate_at_end=false"]
     with pytest.raises(DataError) as info:
         run(_compose(overrides))
     message = str(info.value)

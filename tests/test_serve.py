@@ -65,7 +65,7 @@ def registry(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
     run(_compose([f"data.train_file={train}", f"data.validation_file={valid}", f"tracking.uri={uri}",
                   f"train.output_dir={tmp}/ckpt", "train.epochs=1", "train.eval_steps=100",
-                  "train.full_eval_each_epoch=false", "train.progress=false"]))
+                  "train.full_eval_each_epoch=false", "train.progress=false", "train.evaluate_at_end=false"]))
     client = MlflowClient(uri, uri)
     (finished,) = client.search_runs([client.get_experiment_by_name("phitune").experiment_id])
     mlflow.set_tracking_uri(uri)
