@@ -12,7 +12,8 @@ the same search space, sampler and seed; only hydra.sweeper.pruner differs:
   train.lora.rank = choice(4, 8, 16); fixed: 1 epoch capped at --max-steps optimizer
   steps of 8 examples (batch_size_multiplier 1), valid_loss reported every
   --eval-steps steps;
-- sampler: TPE, seed --seed, 5 random start-up trials;
+- sampler: TPE (--sampler random for pure exploration), seed --seed, 5 random
+  start-up trials;
 - pruned: median pruner, no pruning before 4 trials completed, a trial can be pruned
   from its first report on; unpruned: pruner none.
 
@@ -20,7 +21,7 @@ Measured per sweep: training tokens processed (the sum of every trial's
 `train_tokens`, which the job reports to its trial), wall time of the command, and
 the best full_valid_loss (the objective: the final full validation loss of a
 trial). Tokens and losses are deterministic for a seed; wall time depends on the
-machine's load (printed with it).
+machine's load (printed with it), so CPU seconds of the sweep's processes are shown too.
 
 Target (issue 3): the pruned best within 2% of the unpruned best, for at most 60% of
 the unpruned sweep's training tokens.
@@ -54,7 +55,8 @@ def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
            f"hydra.sweeper.storage={storage}", f"tracking.uri=sqlite:///{work}/mlruns/mlflow.db",
            f"hydra.sweep.dir={work}/multirun", "hydra.sweeper.study_name=bench",
            f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.sampler.seed={args.seed}",
-           "hydra.sweeper.sampler.name=tpe", "hydra.sweeper.sampler.n_startup_trials=5", "hydra.sweeper.plots=false",
+           f"hydra.sweeper.sampler.name={args.sampler}", "hydra.sweeper.sampler.n_startup_trials=5",
+           "hydra.sweeper.plots=false",
            *pruner, *SPACE,
            "train.batch_size_multiplier=1", "train.epochs=1", f"train.max_steps={args.max_steps}",
            f"train.eval_steps={args.eval_steps}", "train.progress=false", "tracking.log_model=false",
@@ -62,7 +64,7 @@ def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", PHITUNE_ROOT=str(REPO))
     log = work / "sweep.log"
     print(f"[{label}] python train.py -m ... (log: {log})", flush=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     with open(log, "w", buffering=1) as f:  # line-buffered: the log can be followed while it runs
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
@@ -70,10 +72,19 @@ def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
             if line.startswith(("trial ", "  trial ")):
                 print(f"[{label}] {line.rstrip()}", flush=True)
         rc = proc.wait()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if rc != 0:
         sys.exit(f"[{label}] the sweep failed (exit {rc}); see {log}")
-    return dict(summarize(storage), wall_s=wall, label=label)
+    return dict(summarize(storage), wall_s=wall, cpu_s=cpu, label=label)
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished child processes: steadier than wall time
+    on a shared machine, where other processes take turns on the same cores."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def summarize(storage: str) -> dict:
@@ -110,13 +121,17 @@ def report(pruned: dict, full: dict, args) -> dict:
     tokens_ratio = pruned["tokens"] / full["tokens"]
     gap = (pruned["best"] - full["best"]) / full["best"]  # > 0: the pruned sweep's best is worse
     wall_ratio = pruned["wall_s"] / full["wall_s"]
+    cpu_ratio = pruned["cpu_s"] / full["cpu_s"] if full.get("cpu_s") else float("nan")
+    spread = max(t["value"] for t in full["trials"] if t["state"] == "COMPLETE") - full["best"]
     print()
-    print(f"{args.trials} trials, {args.max_steps} steps max, valid_loss every {args.eval_steps} steps, seed {args.seed}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'':10} {'tokens':>10} {'wall s':>8} {'best full_valid_loss':>21} {'complete':>9} {'pruned':>7}")
+    print(f"{args.trials} trials, {args.sampler} sampler, {args.max_steps} steps max, valid_loss every {args.eval_steps} "
+          f"steps, seed {args.seed}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'':10} {'tokens':>10} {'wall s':>8} {'CPU s':>8} {'best full_valid_loss':>21} {'complete':>9} {'pruned':>7}")
     for r in (full, pruned):
-        print(f"{r['label']:10} {r['tokens']:>10,} {r['wall_s']:>8.0f} {r['best']:>21.4f} {r['complete']:>9} {r['pruned']:>7}")
-    print(f"pruned / unpruned: tokens {tokens_ratio:.2f}, wall {wall_ratio:.2f}, best {gap:+.2%}")
+        print(f"{r['label']:10} {r['tokens']:>10,} {r['wall_s']:>8.0f} {r.get('cpu_s') or float('nan'):>8.0f} "
+              f"{r['best']:>21.4f} {r['complete']:>9} {r['pruned']:>7}")
+    print(f"pruned / unpruned: tokens {tokens_ratio:.2f}, CPU {cpu_ratio:.2f}, wall {wall_ratio:.2f}, best {gap:+.2%} "
+          f"(unpruned trials spread {spread:.3f} = {spread / full['best']:.1%} above the best)")
     median = {r["label"]: _median([t["duration_s"] for t in r["trials"] if t["state"] == "COMPLETE"]) for r in (full, pruned)}
     pruned_s = _median([t["duration_s"] for t in pruned["trials"] if t["state"] == "PRUNED"])
     print(f"median trial: complete {median['unpruned']:.0f} s (unpruned sweep), {median['median']:.0f} s (median sweep)"
@@ -127,7 +142,7 @@ def report(pruned: dict, full: dict, args) -> dict:
               "the model or the code changed between them; rerun")
     ok = tokens_ratio <= 0.60 and gap <= 0.02
     print(f"target (best within 2% for at most 60% of the tokens): {'met' if ok else 'NOT met'}")
-    return {"tokens_ratio": tokens_ratio, "wall_ratio": wall_ratio, "best_gap": gap, "target_met": ok,
+    return {"tokens_ratio": tokens_ratio, "cpu_ratio": cpu_ratio, "wall_ratio": wall_ratio, "best_gap": gap, "target_met": ok,
             "same_environment": consistent}
 
 
@@ -142,15 +157,21 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=12, help="optimizer steps per trial (8 examples each)")
     p.add_argument("--eval-steps", type=int, default=3, help="valid_loss report interval, in optimizer steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     p.add_argument("--keep", type=Path, default=None, help="folder for the stores and logs (default: a temp dir)")
     p.add_argument("--report", type=Path, default=None, help="only summarize the stores a --keep run left there")
     args = p.parse_args()
     if args.report:
         saved = json.loads((args.report / "results.json").read_text())
+        for k, v in saved.get("args", {}).items():  # the settings of the run being summarized
+            if k in ("trials", "max_steps", "eval_steps", "seed"):
+                setattr(args, k, int(v))
+            elif k == "sampler":
+                args.sampler = v
         runs = {}
         for label in ("unpruned", "median"):
             runs[label] = dict(summarize(f"sqlite:///{args.report / label}/optuna.db"), label=label,
-                               wall_s=saved[label]["wall_s"])
+                               wall_s=saved[label]["wall_s"], cpu_s=saved[label].get("cpu_s"))
         report(runs["median"], runs["unpruned"], args)
         return 0
     root = args.keep or Path(tempfile.mkdtemp(prefix="phitune-bench-pruning-"))
