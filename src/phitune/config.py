@@ -48,6 +48,7 @@ class DataConfig:
     # Issue 5: screen the data with the content filter before training.
     safety_check: bool = False
     allow_flagged: bool = False
+    safety_config: Optional[str] = None  # a filter YAML (conf/safety/*.yaml); None = the default filter
 
 
 @dataclass

@@ -8,6 +8,7 @@ folder for train.method=full). `mlflow.pyfunc.load_model` and
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,13 @@ from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, Ch
 
 
 class PhituneChatModel(ChatModel):
+    _RUNTIME = ("generator", "_lock", "name")
+
+    def __getstate__(self):
+        # MLflow pickles the instance after it validated it on an example: keep the
+        # loaded model (and the lock) out of python_model.pkl; load_context rebuilds them.
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
     def load_context(self, context):
         from phitune.modeling.generate import ChatGenerator
         from phitune.modeling.loader import load_for_inference
@@ -27,17 +35,13 @@ class PhituneChatModel(ChatModel):
         model, tokenizer = load_for_inference(base, adapter)
         self.name = base.get("served_name") or base.get("name") or "phitune"
         self.generator = ChatGenerator(model, tokenizer, int(base.get("context_length") or 4096))
+        # `mlflow models serve` answers requests on several threads; one generation at a time.
+        self._lock = threading.Lock()
 
     def predict(self, context, messages: list[ChatMessage], params: ChatParams) -> ChatCompletionResponse:
         msgs = [{"role": m.role, "content": m.content or ""} for m in messages]
-        out = self.generator.generate(
-            msgs,
-            max_tokens=params.max_tokens or 256,
-            temperature=1.0 if params.temperature is None else params.temperature,
-            top_p=1.0 if params.top_p is None else params.top_p,
-            stop=params.stop,
-            seed=getattr(params, "seed", None),
-        )
+        with self._lock:
+            out = self._generate(msgs, params)
         return ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
             created=int(time.time()),
@@ -46,6 +50,16 @@ class PhituneChatModel(ChatModel):
                                 finish_reason=out["finish_reason"])],
             usage=TokenUsageStats(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
                                   total_tokens=out["prompt_tokens"] + out["completion_tokens"]),
+        )
+
+    def _generate(self, msgs, params: ChatParams) -> dict:
+        return self.generator.generate(
+            msgs,
+            max_tokens=params.max_tokens or 256,
+            temperature=1.0 if params.temperature is None else params.temperature,
+            top_p=1.0 if params.top_p is None else params.top_p,
+            stop=params.stop,
+            seed=getattr(params, "seed", None),
         )
 
 
