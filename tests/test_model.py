@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from phitune.data.pack import pack
 from phitune.errors import PhituneError
 from phitune.modeling import loader
 from phitune.modeling.generate import ChatGenerator
-from phitune.modeling.tiny import PHI3_CHAT_TEMPLATE, build_tiny_phi3, ensure_tiny_phi3
+from phitune.modeling import tiny
+from phitune.modeling.tiny import PHI3_CHAT_TEMPLATE, TINY_VERSION, build_tiny_phi3, ensure_tiny_phi3
 
 CHAT = [
     {"role": "system", "content": "You are a support assistant."},
@@ -46,10 +49,49 @@ def packed_batch(tokenizer):
 # --- tiny Phi-3 -------------------------------------------------------------------
 
 
-def test_tiny_build_is_deterministic(tmp_path):
-    a, b = build_tiny_phi3(tmp_path / "a"), build_tiny_phi3(tmp_path / "b")
+def test_tiny_build_is_deterministic(tmp_path, tiny_model_dir):
+    """A second build, from a caller with other torch settings, is byte-identical to the cached one.
+
+    (One extra build, not two: the session's tiny_model_dir is the first. Each build
+    pretrains for ~35 s of CPU.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the build pins itself to one thread, whatever the caller uses
+    try:
+        b = build_tiny_phi3(tmp_path / "b")
+        # ... and gives the caller its settings back
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(threads)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        assert (tiny_model_dir / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_tiny_is_pretrained(repo_root, tiny_model_dir):
+    """The build pretrains: unseen support chats score far below uniform, and the chat format is known."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # data/support_valid.jsonl is fine-tuning data, never in the pretraining corpus
+    assert "Tasklane" not in tiny._corpus_text()
+    lines = (repo_root / "data/support_valid.jsonl").read_text().splitlines()[:12]
+    ce = count = 0.0
+    with torch.no_grad():
+        for line in lines:
+            enc = encode_example(tok, json.loads(line)["messages"], 512)
+            labels = torch.tensor([enc.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            ce += float(model(input_ids=torch.tensor([enc.input_ids]), labels=labels).loss) * n
+            count += n
+    uniform = math.log(len(tok))  # ~7.6 nats: what the random init scores
+    assert ce / count < uniform - 1.5  # ~5.4 after pretraining
+    # after a user turn, the next token is most likely <|assistant|>
+    ids = tok.apply_chat_template(CHAT[:2], tokenize=True, return_dict=True)["input_ids"][:-1]  # no <|endoftext|>
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert int(logits.argmax()) == tok.convert_tokens_to_ids("<|assistant|>")
 
 
 def test_tiny_loads_like_a_hub_phi3(tiny_model_dir):
@@ -87,8 +129,17 @@ def test_tiny_loads_like_a_hub_phi3(tiny_model_dir):
     assert tok.decode(tok(sample, add_special_tokens=False)["input_ids"]) == sample
 
 
-def test_ensure_tiny_phi3_is_cached_and_race_safe(tmp_path, monkeypatch):
+def test_ensure_tiny_phi3_is_cached_and_race_safe(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("PHITUNE_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_build(target):  # the publishing logic under test, without two 35 s pretraining runs
+        builds.append(target)
+        time.sleep(0.5)  # both threads are building at once
+        shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
+        return target
+
+    monkeypatch.setattr(tiny, "build_tiny_phi3", fake_build)
     results, errors = [], []
 
     def worker():
@@ -103,12 +154,14 @@ def test_ensure_tiny_phi3_is_cached_and_race_safe(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors
-    assert results[0] == results[1] == tmp_path / "tiny-phi3-v1"
+    assert len(builds) == 2 and builds[0] != builds[1]  # each into its own temporary folder
+    assert results[0] == results[1] == tmp_path / TINY_VERSION
     # no temporary build folders left behind, and a second call reuses the cache
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-phi3-v1"]
+    assert [p.name for p in tmp_path.iterdir()] == [TINY_VERSION]
     stamp = (results[0] / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_phi3() == results[0]
     assert (results[0] / "model.safetensors").stat().st_mtime_ns == stamp
+    assert len(builds) == 2
 
 
 # --- sources and configs ------------------------------------------------------------
