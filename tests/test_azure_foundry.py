@@ -44,8 +44,8 @@ def _project(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("style, extra, want", [
     ("portal", [], {"learning_rate_multiplier": "0.5", "batch_size": "16", "n_epochs": "2"}),
-    # tiny-phi3: base_learning_rate 2e-3 x 0.5 = 1e-3; base_batch_size 8 x 2 = 16
-    ("trainer", [], {"learning_rate": "0.001", "per_device_train_batch_size": "16", "num_train_epochs": "2"}),
+    # tiny-phi3: base_learning_rate 5e-3 x 0.5 = 2.5e-3; base_batch_size 8 x 2 = 16
+    ("trainer", [], {"learning_rate": "0.0025", "per_device_train_batch_size": "16", "num_train_epochs": "2"}),
 ])
 def test_hyperparameters_from_phitune_names(style, extra, want):
     cfg = compose_cfg(["backend=foundry", f"backend.hyperparameter_names={style}", "train.learning_rate_multiplier=0.5",
