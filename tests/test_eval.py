@@ -44,11 +44,8 @@ def real_run(tmp_path_factory) -> dict:
         uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
         cfg = _compose([f"data.train_file={train}", f"data.validation_file={valid}", f"tracking.uri={uri}",
                         f"train.output_dir={tmp}/ckpt", "train.epochs=2", "train.eval_steps=3", "train.progress=false",
-                        "train.evaluate_at_end=true"])
-        from omegaconf import open_dict
-
-        with open_dict(cfg):  # the training config has no `eval` node (yet): evaluate_run reads one if present
-            cfg.eval = {"generation_limit": 4, "max_new_tokens": 16}  # 4 greedy replies of <= 16 tokens: seconds
+                        "train.evaluate_at_end=true",
+                        "eval.generation_limit=4", "eval.max_new_tokens=16"])  # 4 greedy replies of <= 16 tokens
         import torch
 
         threads = torch.get_num_threads()
