@@ -21,7 +21,8 @@ Measured per sweep: training tokens processed (the sum of every trial's
 `train_tokens`, which the job reports to its trial), wall time of the command, and
 the best full_valid_loss (the objective: the final full validation loss of a
 trial). Tokens and losses are deterministic for a seed; wall time depends on the
-machine's load (printed with it), so CPU seconds of the sweep's processes are shown too.
+machine's load (printed with it), so CPU seconds of the sweep's processes are shown
+too, with one torch thread per trial (--threads) so that they count work, not spinning.
 
 Target (issue 3): the pruned best within 2% of the unpruned best, for at most 60% of
 the unpruned sweep's training tokens.
@@ -61,7 +62,10 @@ def sweep(label: str, pruner: list[str], args, root: Path) -> dict:
            "train.batch_size_multiplier=1", "train.epochs=1", f"train.max_steps={args.max_steps}",
            f"train.eval_steps={args.eval_steps}", "train.progress=false", "tracking.log_model=false",
            f"data.train_file={REPO}/data/support_train.jsonl", f"data.validation_file={REPO}/data/support_valid.jsonl"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PHITUNE_ROOT=str(REPO))
+    # One torch thread, as bench/train_throughput.py: on a shared 2-core machine two OpenMP
+    # threads spin while waiting for each other, which inflates CPU seconds as well as wall time.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PHITUNE_ROOT=str(REPO), OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads))
     log = work / "sweep.log"
     print(f"[{label}] python train.py -m ... (log: {log})", flush=True)
     t0, cpu0 = time.perf_counter(), _children_cpu()
@@ -125,7 +129,8 @@ def report(pruned: dict, full: dict, args) -> dict:
     spread = max(t["value"] for t in full["trials"] if t["state"] == "COMPLETE") - full["best"]
     print()
     print(f"{args.trials} trials, {args.sampler} sampler, {args.max_steps} steps max, valid_loss every {args.eval_steps} "
-          f"steps, seed {args.seed}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"steps, seed {args.seed}, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
     print(f"{'':10} {'tokens':>10} {'wall s':>8} {'CPU s':>8} {'best full_valid_loss':>21} {'complete':>9} {'pruned':>7}")
     for r in (full, pruned):
         print(f"{r['label']:10} {r['tokens']:>10,} {r['wall_s']:>8.0f} {r.get('cpu_s') or float('nan'):>8.0f} "
@@ -158,13 +163,14 @@ def main() -> int:
     p.add_argument("--eval-steps", type=int, default=3, help="valid_loss report interval, in optimizer steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    p.add_argument("--threads", type=int, default=1, help="torch (OpenMP) threads per trial")
     p.add_argument("--keep", type=Path, default=None, help="folder for the stores and logs (default: a temp dir)")
     p.add_argument("--report", type=Path, default=None, help="only summarize the stores a --keep run left there")
     args = p.parse_args()
     if args.report:
         saved = json.loads((args.report / "results.json").read_text())
         for k, v in saved.get("args", {}).items():  # the settings of the run being summarized
-            if k in ("trials", "max_steps", "eval_steps", "seed"):
+            if k in ("trials", "max_steps", "eval_steps", "seed", "threads"):
                 setattr(args, k, int(v))
             elif k == "sampler":
                 args.sampler = v
