@@ -26,8 +26,8 @@ class SamplerConf:
 @dataclass
 class PrunerConf:
     name: str = "median"  # median | successive_halving | hyperband | threshold | none
-    # median: no pruning until this many trials completed, nor before this many steps
-    # (optimizer steps, as the job reports them) of the trial itself.
+    # median: no pruning until this many trials completed, nor before step n_warmup_steps
+    # (optimizer steps, as the job reports them; a report at exactly that step can prune).
     n_startup_trials: int = 5
     n_warmup_steps: int = 0
     interval_steps: int = 1
