@@ -36,7 +36,7 @@ Peers:
   phitune-densemask uses transformers' sdpa with the dense [T, T] block mask (phitune before
   packed_sdpa landed).
 - phitune-varlen: phitune exactly, except that the model's attention is
-  varlen_sdpa_attention below (causal SDPA per example of the packed row instead
+  the prototype that became phitune.modeling.attention (causal SDPA per example of the packed row instead
   of one SDPA over the whole row with a [T, T] block-diagonal mask): a prototype of
   the change recommended in bench/README.md, measured alongside.
 
@@ -132,64 +132,11 @@ def _load_examples(path: Path, n: int) -> list[list[dict]]:
     return rows
 
 
-VARLEN_ATTN = "phitune_varlen_sdpa"
-
-
-def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                          sliding_window=None, **kwargs):
-    """Prototype of the fix recommended in bench/README.md: attention of a packed row, one example at a time.
-
-    phitune packs a micro-batch into one row with position_ids restarting at 0 and no attention_mask; transformers'
-    sdpa path then builds a dense [T, T] block-diagonal mask and the kernel computes all T^2 scores (8 examples of
-    ~185 tokens: T^2 = 2.2M scores instead of sum(L^2) = 0.29M). This runs causal SDPA on each example's slice
-    instead (the same logits: checked against sdpa with the block mask and against one example at a time).
-    Anything else (a padding mask, a KV cache, batch > 1) goes to transformers' own sdpa_attention_forward.
-    """
-    import torch
-
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    bounds = starts + [query.shape[2]]
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: expand k/v heads
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-        if sliding_window and e - s > sliding_window:  # as transformers: key j visible from query i iff i - w < j <= i
-            i = torch.arange(e - s, device=q.device)
-            keep = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
-            outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout,
-                                                                         scale=scaling))
-        else:
-            outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                                         is_causal=True))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _varlen_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
-    """No [T, T] mask when the attention above slices the row itself; transformers' sdpa mask otherwise."""
-    from transformers.masking_utils import sdpa_mask
-
-    if attention_mask is None and q_length == kv_length:
-        return None
-    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, **kwargs)
-
-
 def register_varlen_attention() -> str:
-    """Register the prototype under VARLEN_ATTN (attention + mask function); load the model with that name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """The prototype measured first here, now phitune's own packed_sdpa (phitune.modeling.attention)."""
+    from phitune.modeling.attention import register
 
-    AttentionInterface.register(VARLEN_ATTN, varlen_sdpa_attention)
-    AttentionMaskInterface.register(VARLEN_ATTN, _varlen_mask)
-    return VARLEN_ATTN
+    return register()
 
 
 def _lora_train_cfg() -> dict:
