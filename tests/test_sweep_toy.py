@@ -124,7 +124,7 @@ def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(tmp_path):
     assert "trial 3/3 · best full_valid_loss - (no complete trial yet) · 3 pruned · 0 failed" in res.stdout
     _, children = runs(s)
     assert [c.data.tags["phitune.trial_state"] for c in children] == ["pruned"] * 3
-    assert "plot" not in res.stdout.split("trial 3/3")[-1] or "skipped" not in res.stdout
+    assert "  trial 0 pruned at step 1 (last report 1.021)" in res.stdout  # (0.646 - 0.5)^2 + 0.1 * 0 + 1/1
 
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -359,8 +359,9 @@ class Sweep:
         self._tell(trial, state, value)
         label = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(state, "failed")
         self.parent.mark_child(child, label)
-        pruned_value = self._frozen(trial.number).value if label == "pruned" else value
-        print(outcome_line(trial.number, label, pruned_value, error, self.metric))
+        frozen = self._frozen(trial.number)
+        shown = frozen.value if label == "pruned" else value  # a pruned trial's value: its last report
+        print(outcome_line(trial.number, label, shown, error, self.metric, frozen.last_step))
         counts = self._counts()
         print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study)), flush=True)
 

@@ -17,10 +17,15 @@ def progress_line(counts, n_trials: int, metric: str, best) -> str:
     return f"trial {counts.finished}/{n_trials} · {best_part} · {counts.pruned} pruned · {counts.failed} failed"
 
 
-def outcome_line(number: int, state: str, value: float | None = None, error: str | None = None, metric: str = "") -> str:
-    """One line about the trial that just ended, printed before the progress line."""
+def outcome_line(number: int, state: str, value: float | None = None, error: str | None = None, metric: str = "",
+                 step: int | None = None) -> str:
+    """One line about the trial that just ended, printed before the progress line.
+
+    A pruned trial's value is its last report (the job's valid_loss at `step`), not `metric`.
+    """
     if state == "complete":
         return f"  trial {number} complete: {metric} {value:.4g}"
     if state == "pruned":
-        return f"  trial {number} pruned" + (f" at {metric or 'value'} {value:.4g}" if value is not None else "")
+        where = f" at step {step}" if step is not None else ""
+        return f"  trial {number} pruned{where}" + (f" (last report {value:.4g})" if value is not None else "")
     return f"  trial {number} failed: {error}"
