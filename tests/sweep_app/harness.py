@@ -15,14 +15,20 @@ _TEMPLATE: Path | None = None
 
 
 def mlflow_template_db() -> Path:
-    """An empty MLflow sqlite store, created once per test process: MLflow's schema
-    migrations take ~5 s per new database, so each test copies this file instead."""
+    """An empty MLflow sqlite store, one per MLflow version in the temp folder: MLflow's
+    schema migrations take ~5 s per new database, so each test copies this file instead."""
     global _TEMPLATE
     if _TEMPLATE is None:
+        import mlflow
         from mlflow.tracking import MlflowClient
 
-        path = Path(tempfile.mkdtemp(prefix="phitune-mlflow-template-")) / "mlflow.db"
-        MlflowClient(f"sqlite:///{path}").search_experiments()
+        path = Path(tempfile.gettempdir()) / f"phitune-mlflow-template-{mlflow.__version__}.db"
+        if not path.exists():
+            with tempfile.TemporaryDirectory() as tmp:  # build aside, then rename: atomic for parallel runs
+                db = Path(tmp) / "mlflow.db"
+                MlflowClient(f"sqlite:///{db}").search_experiments()
+                shutil.move(str(db), str(path.with_suffix(f".{os.getpid()}.tmp")))
+                os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
         _TEMPLATE = path
     return _TEMPLATE
 
