@@ -119,7 +119,7 @@ def make_examples(args):
     """phitune Encoded examples, ordered so that plan_batches(seed, epoch 0) packs each row's examples together."""
     import numpy as np
 
-    from phitune.data.encode import IGNORE_INDEX, Encoded
+    from phitune.chat import IGNORE_INDEX, Encoded
     from phitune.data.pack import plan_batches
 
     n_rows = args.steps * args.rows_per_step

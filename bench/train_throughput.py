@@ -19,7 +19,7 @@ same for every peer:
 - no evaluation, no checkpoints, report_to none.
 
 Peers:
-- phitune: phitune.data.encode.encode_example -> phitune.train.loop.fit
+- phitune: phitune.chat.encode_example -> phitune.train.loop.fit
   (padding-free packing: the 8 examples of a step in one row, position_ids restarting);
 - trainer: transformers.Trainer, the same encodings padded to the longest of the
   batch (phitune.data.pack.pad: labels -100 on padding), the model computes the loss;
@@ -153,7 +153,7 @@ def _base_model(attn: str | None = None):
 
 
 def _encodings(tokenizer, conversations):
-    from phitune.data.encode import encode_example
+    from phitune.chat import encode_example
 
     return [encode_example(tokenizer, msgs, MAX_LEN) for msgs in conversations]
 

@@ -20,7 +20,7 @@ def compose_cfg(repo_root, overrides):
 
 def test_billed_tokens_are_the_model_tokenizers_count_times_epochs(repo_root, tiny_tokenizer):
     """With the tiny Phi-3's tokenizer and chat template: sum over examples of min(tokens, context) x epochs."""
-    from phitune.data.encode import count_tokens
+    from phitune.chat import count_tokens
     from phitune.data.validate import iter_valid_examples
 
     cfg = compose_cfg(repo_root, ["backend=foundry", "train.epochs=2"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from phitune.data.encode import IGNORE_INDEX, Encoded, count_tokens, encode_example
+from phitune.chat import IGNORE_INDEX, Encoded, count_tokens, encode_example
 from phitune.data.pack import pack, pad, plan_batches
 from phitune.errors import PhituneError
 from phitune.config import TrainConfig

@@ -163,7 +163,7 @@ def test_eval_py_validates_the_test_file_before_any_model(tmp_path):
 
 
 def test_split_conversation():
-    from phitune.evaluation.suite import split_conversation
+    from phitune.chat import split_conversation
 
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1", "weight": 0}, {"role": "user", "content": "Q2"},

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from phitune.config import ModelConfig, TrainConfig
-from phitune.data.encode import encode_example
+from phitune.chat import encode_example
 from phitune.data.pack import pack
 from phitune.errors import PhituneError
 from phitune.modeling import loader
@@ -401,3 +401,20 @@ def test_generation_errors(parrot):
     edge = ChatGenerator(parrot.model, parrot.tokenizer, context_length=n_prompt + 3)
     out = edge.generate(CHAT[:2], max_tokens=50, temperature=0)
     assert out["finish_reason"] == "length" and out["completion_tokens"] == 3
+
+
+def test_generation_stops_at_an_emitted_turn_marker(tiny_model_cfg, tiny_tokenizer):
+    """A model that writes `<|user|>` after its reply (as a badly trained one may) stops
+    there, instead of dropping the marker and inventing the user's next turn."""
+    from phitune.chat import IGNORE_INDEX, Encoded, generation_prompt_ids
+
+    torch.manual_seed(0)
+    model = loader.apply_training_method(loader.load_model(tiny_model_cfg), train_cfg("full"), tiny_model_cfg)
+    prompt = generation_prompt_ids(tiny_tokenizer, CHAT[:2])
+    reply = tiny_tokenizer(REPLY, add_special_tokens=False)["input_ids"]
+    turn = [tiny_tokenizer.convert_tokens_to_ids("<|user|>")] + tiny_tokenizer("\nThanks!", add_special_tokens=False)["input_ids"]
+    target = reply + turn
+    _train_steps(model, pack([Encoded(prompt + target, [IGNORE_INDEX] * len(prompt) + target)]), steps=40, lr=5e-3)
+    gen = ChatGenerator(model, tiny_tokenizer, context_length=256)
+    out = gen.generate(CHAT[:2], max_tokens=32, temperature=0)
+    assert out == {**out, "text": REPLY, "finish_reason": "stop", "completion_tokens": len(reply) + 1}

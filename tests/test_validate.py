@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import tracemalloc
-import types
 from pathlib import Path
 
 import pytest
@@ -412,44 +411,32 @@ def test_cli_unknown_model_exits_2(tmp_path, capsys):
     assert code == 2 and "unknown model 'no-such-model'" in err and out == ""
 
 
-def test_cli_without_model_code_falls_back_with_a_note(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "phitune.data.encode", None)  # import -> ImportError
-    code, out, err = run_cli(capsys, write(tmp_path, good_lines(10)))
-    assert code == 0
-    assert err.startswith("note: no token counts: phitune's model code is not available")
-    assert len(err.splitlines()) == 1
-    assert "tokens: not counted (no tokenizer)" in out
-
-
 def test_cli_tokenizer_that_cannot_load_falls_back_with_a_note(tmp_path, capsys, monkeypatch):
-    fake_encode = types.ModuleType("phitune.data.encode")
-    fake_encode.count_tokens = lambda tokenizer, messages: (1, 1)
-    monkeypatch.setitem(sys.modules, "phitune.data.encode", fake_encode)
-    import phitune.modeling.loader as loader
+    import phitune.commands.data as data_cmd
 
     def offline(model_cfg):
         raise OSError("We couldn't connect to 'https://huggingface.co'\nto load this file")
 
-    monkeypatch.setattr(loader, "load_tokenizer", offline)
+    monkeypatch.setattr(data_cmd, "load_tokenizer", offline)
     code, out, err = run_cli(capsys, write(tmp_path, good_lines(10)), "--model", "phi3-mini-4k")
     assert code == 0
     assert err.splitlines() == [
         "note: no token counts: cannot load the tokenizer of model 'phi3-mini-4k' "
         "(OSError: We couldn't connect to 'https://huggingface.co' to load this file)"
     ]
+    assert "tokens: not counted (no tokenizer)" in out
 
 
-def test_cli_counts_tokens_with_the_model(tmp_path, capsys, monkeypatch):
-    fake_encode = types.ModuleType("phitune.data.encode")
-    fake_encode.count_tokens = lambda tokenizer, messages: (len(tokenizer) + len(messages), 1)
-    monkeypatch.setitem(sys.modules, "phitune.data.encode", fake_encode)
-    import phitune.modeling.loader as loader
+def test_cli_counts_tokens_with_the_model(tmp_path, capsys, tiny_tokenizer):
+    from phitune.chat import count_tokens
 
-    monkeypatch.setattr(loader, "load_tokenizer", lambda cfg: "x" * 100)
-    code, out, err = run_cli(capsys, write(tmp_path, good_lines(10)))  # default tiny-phi3: context 512
+    lines = good_lines(10)
+    counts = sorted(count_tokens(tiny_tokenizer, json.loads(line)["messages"])[0] for line in lines)
+    code, out, err = run_cli(capsys, write(tmp_path, lines))  # default tiny-phi3: context 512
     assert code == 0 and err == ""
-    assert "  tokens per example (chat template applied): min 103, mean 103.0, p95 103, max 103" in out.splitlines()
-    assert "training tokens per epoch: 1,030 (examples capped at 512 tokens)" in out
+    assert (f"  tokens per example (chat template applied): min {counts[0]}, mean {sum(counts) / 10:.1f}, "
+            f"p95 {counts[-1]}, max {counts[-1]}") in out.splitlines()
+    assert f"training tokens per epoch: {sum(counts):,} (examples capped at 512 tokens)" in out
 
 
 def test_cli_real_subprocess(tmp_path, repo_root):

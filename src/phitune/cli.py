@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phitune", description="Fine-tune, sweep, compare, promote and serve small chat models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"phitune.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"phitune.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"phitune.commands.{name}").register(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ billed.
 
 the quantity serverless fine-tuning bills (OpenAI and Azure AI Foundry bill the
 training file's tokens once per epoch). Tokens are counted with the model's own
-tokenizer and chat template (phitune.data.encode.count_tokens) when it loads
+tokenizer and chat template (phitune.chat.count_tokens) when it loads
 offline; otherwise estimated at 4 characters per token, and said so.
 
     cost = billed tokens / 1000 x price_per_1k_tokens                    (serverless)
@@ -52,7 +52,7 @@ class CostEstimate:
 def _token_counter(cfg):
     """(counter, description): the model's tokenizer when it loads offline, else a character heuristic."""
     try:
-        from phitune.data.encode import count_tokens
+        from phitune.chat import count_tokens
         from phitune.modeling.loader import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)

@@ -6,10 +6,14 @@ notes about the tooling (no tokenizer) to stderr.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
+from phitune.chat import chat_tokens, count_tokens
+from phitune.confdir import load_model_config
 from phitune.errors import PhituneError
+from phitune.modeling.loader import load_tokenizer
 
 
 def register(subparsers) -> None:
@@ -32,6 +36,17 @@ def register(subparsers) -> None:
                         "FILE:LINE: category severity and make the file not usable (exit 1)")
     v.add_argument("--safety-config", metavar="YAML", help="content-filter settings for --safety (default: local, medium)")
     v.set_defaults(data_func=_validate)
+    i = sub.add_parser(
+        "inspect",
+        help="show one conversation as training and serving see it: tokens, ids, loss, generation prompt",
+        description="Render one example with the model's chat template and show each token, its id, whether it "
+                    "carries loss, and the prompt serving builds for the turns before its last assistant turn.",
+    )
+    i.add_argument("file", metavar="FILE", help="chat JSONL")
+    i.add_argument("--line", type=int, metavar="N", help="the example on line N (default: the first valid one)")
+    i.add_argument("--model", default="tiny-phi3", help="conf/model/NAME.yaml or a YAML path (default: tiny-phi3)")
+    i.add_argument("--format", choices=("text", "json"), default="text")
+    i.set_defaults(data_func=_inspect)
 
     def dispatch(args) -> int:
         if not getattr(args, "data_func", None):
@@ -46,47 +61,37 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def token_counter_for(model: str):
-    """(counter, context_length) for a model name or YAML path; counter is None when
-    the tokenizer cannot be had (model code not installed, Hub model offline...).
+def _tokenizer_for(model: str):
+    """(tokenizer or None, model config) for a model name or YAML path; the tokenizer is
+    None, with a note, when it cannot be had (a Hub model offline, a missing folder...).
 
     Raises PhituneError for an unknown model name: that is a typo, not an outage.
     """
-    from phitune.confdir import load_model_config
-
     model_cfg = load_model_config(model)
-    context_length = int(model_cfg.context_length)
     try:
-        from phitune.data.encode import count_tokens
-        from phitune.modeling.loader import load_tokenizer
-    except ImportError as exc:
-        _note(f"no token counts: phitune's model code is not available ({exc})")
-        return None, context_length
-    try:
-        tokenizer = load_tokenizer(model_cfg)
+        return load_tokenizer(model_cfg), model_cfg
     except Exception as exc:  # offline Hub model, missing folder, broken files: all the same to the user
         detail = " ".join(str(exc).split())  # one line
         detail = detail if len(detail) <= 300 else detail[:297] + "..."
         _note(f"no token counts: cannot load the tokenizer of model {model!r} ({type(exc).__name__}: {detail})")
-        return None, context_length
-
-    def counter(messages):
-        return count_tokens(tokenizer, messages)
-
-    return counter, context_length
+        return None, model_cfg
 
 
 def _validate(args) -> int:
     from phitune.data.validate import validate_file
 
-    counter = context_length = None
+    tokenizer, counter, context_length, control = None, None, None, ()
     if not args.no_tokens:
         try:
-            counter, context_length = token_counter_for(args.model)
+            tokenizer, model_cfg = _tokenizer_for(args.model)
         except PhituneError as exc:
             print(f"phitune data validate: {exc}", file=sys.stderr)
             return 2
-    report = validate_file(args.file, token_counter=counter, context_length=context_length)
+        context_length = int(model_cfg.context_length)
+    if tokenizer is not None:
+        control = chat_tokens(tokenizer).control_strings
+        counter = lambda messages: count_tokens(tokenizer, messages)  # noqa: E731
+    report = validate_file(args.file, token_counter=counter, context_length=context_length, control_tokens=control)
     try:
         shown = 0
         limit = max(0, args.max_problems)
@@ -114,7 +119,59 @@ def _validate(args) -> int:
 
 
 def _safety(args) -> int:
-    """Issue 5's content-filter screen (phitune.safety.screen); returns the number of flagged examples."""
+    """The content-filter screen (phitune.safety.screen); returns the number of flagged examples."""
     from phitune.safety.screen import print_file_screen
 
     return print_file_screen(args.file, args.safety_config)
+
+
+def _pick_example(path: str, line: int | None) -> tuple[int, list]:
+    from phitune.data.validate import check_example, iter_valid_examples
+
+    if line is None:
+        for lineno, messages in iter_valid_examples(path):
+            return lineno, messages
+        raise PhituneError(f"{path}: no valid example; run `phitune data validate {path}`")
+    if line < 1:
+        raise PhituneError(f"--line {line}: lines count from 1")
+    raw, n_lines = None, 0
+    with open(path, "rb") as f:
+        for n_lines, text in enumerate(f, 1):
+            if n_lines == line:
+                raw = text
+                break
+    if raw is None:
+        raise PhituneError(f"{path}:{line}: the file has only {n_lines} lines")
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PhituneError(f"{path}:{line}: not a JSON object; run `phitune data validate {path}`") from None
+    errors, _ = check_example(obj)
+    if errors:
+        raise PhituneError(f"{path}:{line}: {errors[0]}")
+    return line, obj["messages"]
+
+
+def _inspect(args) -> int:
+    from phitune.data.inspect import format_text, inspect_conversation
+
+    try:
+        lineno, messages = _pick_example(args.file, args.line)
+        model_cfg = load_model_config(args.model)
+        tokenizer = load_tokenizer(model_cfg)
+        info = inspect_conversation(tokenizer, messages, int(model_cfg.context_length))
+    except OSError as exc:
+        print(f"phitune data inspect: {args.file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except PhituneError as exc:
+        print(f"phitune data inspect: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.format == "json":
+            print(json.dumps(dict(info, file=args.file, line=lineno), ensure_ascii=False))
+        else:
+            print(format_text(f"{args.file}:{lineno}", info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `phitune data inspect FILE | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0

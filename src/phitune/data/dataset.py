@@ -57,9 +57,11 @@ def examples_digest(examples: list) -> str:
     return h.hexdigest()
 
 
-def _check(path: str, token_counter, context_length, allow_warnings: bool) -> "tuple[ValidationReport, Optional[str]]":
+def _check(path: str, token_counter, context_length, allow_warnings: bool,
+           control_tokens=()) -> "tuple[ValidationReport, Optional[str]]":
     """Validate one file, print its problems to stderr; return (report, failure message or None)."""
-    report = validate_file(path, token_counter=token_counter, context_length=context_length)
+    report = validate_file(path, token_counter=token_counter, context_length=context_length,
+                           control_tokens=control_tokens)
     for problem in report.problems[:PRINT_PROBLEMS]:
         print(problem, file=sys.stderr)
     rest = report.n_errors + report.n_warnings - min(len(report.problems), PRINT_PROBLEMS)
@@ -104,7 +106,7 @@ def auto_split(examples: list, fraction: float, seed: int) -> "tuple[list, list]
     return train, valid
 
 
-def prepare_splits(data_cfg, token_counter=None, context_length=None) -> Splits:
+def prepare_splits(data_cfg, token_counter=None, context_length=None, control_tokens=()) -> Splits:
     """Validate, load and split the data of a `phitune.config.DataConfig`; DataError when unusable."""
     mode = str(data_cfg.get("validation", "file"))
     if mode not in MODES:
@@ -132,7 +134,7 @@ def prepare_splits(data_cfg, token_counter=None, context_length=None) -> Splits:
     files = [train_file] + ([str(valid_file)] if mode == "file" else [])
     reports, failures = [], []
     for path in files:
-        report, failure = _check(path, token_counter, context_length, allow_warnings)
+        report, failure = _check(path, token_counter, context_length, allow_warnings, control_tokens)
         reports.append(report)
         if failure:
             failures.append(failure)

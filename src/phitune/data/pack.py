@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from phitune.data.encode import IGNORE_INDEX, Encoded
+from phitune.chat import IGNORE_INDEX, Encoded
 
 
 def _check(batch: Sequence[Encoded]) -> None:

@@ -59,6 +59,7 @@ class ValidationReport:
     n_blank: int = 0
     n_duplicates: int = 0
     n_without_system: int = 0
+    n_control_text: int = 0  # examples whose content contains a control token's text
     context_length: Optional[int] = None
     readable: bool = True
 
@@ -98,6 +99,8 @@ class ValidationReport:
                 lines.append(f"  {ts['over_context']} examples are longer than the context and will be truncated")
         elif ts is None:
             lines.append("  tokens: not counted (no tokenizer)")
+        if self.n_control_text:
+            lines.append(f"  {self.n_control_text} examples contain control-token text (trained as plain text)")
         verdict = "usable" if self.ok else "NOT usable"
         lines.append(f"  {self.n_errors} errors, {self.n_warnings} warnings: {verdict}")
         return "\n".join(lines)
@@ -197,13 +200,34 @@ def _percentile(sorted_values: Sequence[int], q: float) -> int:
     return sorted_values[rank - 1]
 
 
+def control_token_warnings(messages: list, control_tokens: Sequence[str]) -> list[str]:
+    """One warning per message whose content contains a control token's text.
+
+    phitune tokenises content as text (phitune.chat), so such text cannot forge a turn;
+    the warning tells the user the model sees it as characters, not as a marker.
+    """
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        found = sorted((t for t in control_tokens if t in content), key=content.index) if isinstance(content, str) else []
+        if found:
+            names = " and ".join(f"'{t}'" for t in found[:3]) + (" ..." if len(found) > 3 else "")
+            what = "a control token of this model; it is" if len(found) == 1 else "control tokens of this model; they are"
+            out.append(f"{msg['role']} content contains {names}, {what} trained as plain text")
+    return out
+
+
 def validate_file(
     path,
     token_counter: Optional[TokenCounter] = None,
     context_length: Optional[int] = None,
     max_stored: int = DEFAULT_MAX_STORED,
+    control_tokens: Sequence[str] = (),
 ) -> ValidationReport:
-    """Validate one chat JSONL file; never raises for bad input (it becomes a Problem)."""
+    """Validate one chat JSONL file; never raises for bad input (it becomes a Problem).
+
+    control_tokens: the model's special tokens (phitune.chat.chat_tokens); content
+    containing their text is warned about, line by line."""
     spath = str(path)
     report = ValidationReport(path=spath, context_length=context_length)
 
@@ -270,6 +294,10 @@ def validate_file(
                 if errors:
                     continue
                 messages = obj["messages"]
+                forged = control_token_warnings(messages, control_tokens)
+                for message in forged:
+                    add(lineno, message, "warning")
+                report.n_control_text += bool(forged)
                 if token_counter is not None:
                     try:
                         total, assistant = token_counter(messages)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phitune.chat import IGNORE_INDEX, encode_example, split_conversation
+
 METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
 # module name -> the key of its result that the suite reports
 GENERATION_METRICS = {"exact_match": "exact_match", "token_f1": "token_f1", "rouge_l": "rouge_l", "bleu": "bleu"}
@@ -66,16 +68,6 @@ def cpu_threads_for(model, device):
         torch.set_num_threads(old)
 
 
-def split_conversation(messages: Sequence[dict]) -> Optional[tuple]:
-    """(prompt messages, reference text): everything before the last assistant turn, and
-    that turn's content. None when there is no assistant turn or nothing before it."""
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-    if not last:  # None, or an assistant turn with nothing to answer
-        return None
-    prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:last]]
-    return prompt, str(messages[last].get("content") or "")
-
-
 def render_prompt(prompt: Sequence[dict]) -> str:
     """The prompt as readable text for the table: one `role: content` line per message."""
     return "\n".join(f"{m.get('role')}: {m.get('content') or ''}" for m in prompt)
@@ -84,7 +76,6 @@ def render_prompt(prompt: Sequence[dict]) -> str:
 def teacher_forced(model, tokenizer, conversations: Sequence[Sequence[dict]], max_len: int, batch_size: int,
                    device) -> dict:
     """loss, perplexity, mean_token_accuracy, examples, tokens over the conversations."""
-    from phitune.data.encode import IGNORE_INDEX, encode_example
     from phitune.train.distributed import Dist
     from phitune.train.loop import evaluate
 

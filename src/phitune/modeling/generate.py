@@ -14,10 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from phitune.chat import chat_tokens, generation_prompt_ids
 from phitune.errors import PhituneError
-
-# Phi-3 closes a turn with <|end|>; other chat models use these.
-_END_OF_TURN_TOKENS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def _as_list(value) -> list[int]:
@@ -49,8 +47,9 @@ class ChatGenerator:
     stream(...)   -> iterator of text deltas; once exhausted, `self.last_result` holds
                      the same dict as generate() (and `self.last_finish_reason` its reason).
 
-    finish_reason is "stop" at an end-of-turn/eos token or a `stop` string (neither is
-    part of the text), "length" when max_tokens or the context runs out.
+    finish_reason is "stop" at any special token of the chat format (end of turn, eos,
+    or a turn marker such as `<|user|>`, which would start an invented turn) or a `stop`
+    string (neither is part of the text), "length" when max_tokens or the context runs out.
     completion_tokens counts every token sampled, the end-of-turn token included.
     """
 
@@ -62,10 +61,7 @@ class ChatGenerator:
         gen_cfg = getattr(model, "generation_config", None)
         ids = set(_as_list(getattr(gen_cfg, "eos_token_id", None)))
         ids |= set(_as_list(getattr(model.config, "eos_token_id", None)))
-        ids |= set(_as_list(tokenizer.eos_token_id))
-        vocab = tokenizer.get_vocab()
-        ids |= {int(vocab[t]) for t in _END_OF_TURN_TOKENS if t in vocab}
-        self.stop_ids = ids
+        self.stop_ids = ids | chat_tokens(tokenizer).special_ids
         # Embedding tables are often padded past the tokenizer (Phi-3: 32064 rows for
         # 32011 tokens); those rows were never trained and decode to nothing.
         self.n_tokens = len(tokenizer)
@@ -77,13 +73,8 @@ class ChatGenerator:
         self.last_finish_reason: str | None = None
 
     def prompt_ids(self, messages) -> list[int]:
-        """Token ids of the chat-template prompt (add_generation_prompt=True)."""
-        text = self.tokenizer.apply_chat_template(
-            [{k: v for k, v in m.items() if k != "weight"} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of the chat-template prompt, content read as text (phitune.chat)."""
+        return generation_prompt_ids(self.tokenizer, messages)
 
     def generate(self, messages, max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
                  stop: list[str] | None = None, seed: int | None = None) -> dict:

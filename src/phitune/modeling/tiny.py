@@ -137,7 +137,7 @@ def _build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # trim_offsets=False: offsets cover every character (leading spaces included),
-    # which phitune.data.encode relies on to map chat-template spans to tokens.
+    # which phitune.chat relies on to map chat-template spans to tokens.
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
