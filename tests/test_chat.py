@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 
 from phitune.chat import (IGNORE_INDEX, chat_tokens, count_tokens, encode_example, generation_prompt_ids,
                           split_conversation, tokenize_chat)

@@ -117,11 +117,11 @@ def test_phitune_eval_logs_a_run_tagged_with_its_source(real, capsys, tmp_path):
 
 
 def test_model_uris_resolve_to_base_and_adapter(real, tmp_path):
-    import mlflow
+    from phitune.models.uri import resolve
 
-    from phitune.evaluation.source import resolve_model
+    def resolve_model(uri, workdir):
+        return resolve(uri, real["uri"], workdir)
 
-    mlflow.set_tracking_uri(real["uri"])
     rid = real["run_id"]
     src = resolve_model(f"runs:/{rid}/model", tmp_path / "a")
     assert src.kind == "run-model" and src.run_id == rid and src.base_ref["name"] == "tiny-phi3"
@@ -141,10 +141,11 @@ def test_model_uris_resolve_to_base_and_adapter(real, tmp_path):
     client.set_registered_model_alias("eval-uri", "champion", "1")
     reg = resolve_model("models:/eval-uri@champion", tmp_path / "d")
     assert (reg.kind, reg.model_name, reg.model_version, reg.run_id) == ("registered", "eval-uri", "1", rid)
+    assert reg.resolved_uri == "models:/eval-uri/1"  # the alias pinned once, before the download
 
     from phitune.errors import PhituneError
 
-    with pytest.raises(PhituneError, match="no such registered model version"):
+    with pytest.raises(PhituneError, match="no alias @nope on registered model 'eval-uri'"):
         resolve_model("models:/eval-uri@nope", tmp_path / "e")
     with pytest.raises(PhituneError, match="no such folder"):
         resolve_model(str(tmp_path / "missing"), tmp_path / "f")

@@ -176,12 +176,9 @@ def test_epoch_checkpoints_are_candidates(real, capsys, tmp_path):
     assert run.info.status == "FINISHED"
     names = {client.get_logged_model(o.model_id).name for o in run.outputs.model_outputs}
     assert names == {"model", "checkpoint-epoch-001"}
-    import mlflow
+    from phitune.models.uri import resolve
 
-    mlflow.set_tracking_uri(real["uri"])
-    from phitune.evaluation.source import resolve_model
-
-    src = resolve_model("models:/ckpt@champion", tmp_path / "m")
+    src = resolve("models:/ckpt@champion", real["uri"], tmp_path / "m")
     assert src.base_ref["name"] == "tiny-phi3" and src.checkpoint == "epoch-001" and src.run_id == rid
     assert (Path(src.adapter_dir) / "adapter_model.safetensors").is_file()
 

@@ -68,44 +68,18 @@ def resolve_model(model_uri: str, tracking_uri: Optional[str] = None, download_d
         if not (Path(uri) / "MLmodel").is_file():
             raise PhituneError(f"{uri}: not an MLflow model folder (no MLmodel file)")
         return AzureModelRef(uri, None, None, local_dir=str(Path(uri).resolve()))
-    m = re.match(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+|latest))/?$", uri)
-    if not m:
-        raise PhituneError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION, azureml:NAME:VERSION "
+    from phitune.models.uri import client_for, download, registered_version, tracking_uri as default_uri
+
+    found = registered_version(uri, client_for(default_uri(tracking_uri))) if uri.startswith("models:/") else None
+    if found is None:
+        raise PhituneError(f"{uri}: expected azureml:NAME:VERSION, models:/NAME@ALIAS, models:/NAME/VERSION "
                            "or an MLflow model folder")
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from phitune.deployments import DEFAULT_URI
-
-    tracking_uri = tracking_uri or DEFAULT_URI
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        raise PhituneError(f"no MLflow store at {tracking_uri}; pass --tracking-uri")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name = m.group("name")
-    try:
-        if m.group("alias"):
-            mv = client.get_model_version_by_alias(name, m.group("alias"))
-        elif m.group("version") == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise PhituneError(f"{uri}: model {name} has no version")
-            mv = max(versions, key=lambda v: int(v.version))
-        else:
-            mv = client.get_model_version(name, m.group("version"))
-    except MlflowException as exc:
-        raise PhituneError(f"{uri}: {' '.join(str(exc.message).split())[:300]}") from None
+    name, mv = found
     tags = dict(mv.tags or {})
     if tags.get("azure_model_id"):
         return AzureModelRef(uri, name, str(mv.version), azure_id=tags["azure_model_id"])
-    import mlflow
-
     dst = Path(download_dir or Path("outputs") / "azure" / "deploy" / f"{name}-v{mv.version}")
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        source = client.get_model_version_download_uri(name, mv.version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
-    except MlflowException as exc:
-        raise PhituneError(f"{uri}: cannot download the model: {' '.join(str(exc.message).split())[:300]}") from None
+    local = download(f"models:/{name}/{mv.version}", dst)
     if not (Path(local) / "MLmodel").is_file():
         raise PhituneError(f"{uri}: version {mv.version} is not an MLflow model (no MLmodel file at {mv.source})")
     return AzureModelRef(uri, name, str(mv.version), local_dir=str(Path(local).resolve()))

@@ -178,15 +178,16 @@ def _run(args) -> int:
 
 def _local_server(args):
     from phitune.commands.serve import filters_from_args
-    from phitune.serving import model_source
+    from phitune.modeling.generate import load_generator
+    from phitune.models.uri import resolve
     from phitune.serving.app import ServerSettings, build_app
     from phitune.serving.auth import generate_key
     from phitune.serving.server import ThreadedServer
 
     prompt_filter, completion_filter = filters_from_args(args)
     print(f"loading {args.model_uri} ...", file=sys.stderr, flush=True)
-    source = model_source.resolve(args.model_uri, model_source.tracking_uri_or_default(args.tracking_uri))
-    generator = model_source.load_generator(source)
+    source = resolve(args.model_uri, args.tracking_uri)
+    generator = load_generator(source)
     key = generate_key()
     app = build_app(generator, key, ServerSettings(model_id=source.served_name), prompt_filter, completion_filter)
     return ThreadedServer(app).start(), key

@@ -93,7 +93,8 @@ def _serve(args) -> int:
 
 
 def _run(args) -> int:
-    from phitune.serving import model_source
+    from phitune.modeling.generate import load_generator
+    from phitune.models.uri import resolve, tracking_uri as default_tracking_uri
     from phitune.serving.app import ServerSettings, build_app
     from phitune.serving.auth import resolve_api_key
     from phitune.serving.server import bind, record_local_deployment, serve_forever, url_for, warn_if_exposed
@@ -114,11 +115,11 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     prompt_filter, completion_filter = filters_from_args(args)  # a bad filter config fails before the model loads
     key, key_source = resolve_api_key(args.api_key_file)
-    tracking_uri = model_source.tracking_uri_or_default(args.tracking_uri)
+    tracking_uri = default_tracking_uri(args.tracking_uri)
 
     print(f"loading {args.model_uri} ...", file=sys.stderr, flush=True)
-    source = model_source.resolve(args.model_uri, tracking_uri)
-    generator = model_source.load_generator(source)
+    source = resolve(args.model_uri, tracking_uri)
+    generator = load_generator(source)
     settings = ServerSettings(
         model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,

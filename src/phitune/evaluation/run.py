@@ -26,6 +26,8 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from phitune.errors import PhituneError
+from phitune.models.uri import resolve
+from phitune.redact import redact_text
 
 METRIC_PREFIX = "eval_"
 TABLE_FILE = "eval/generations.json"
@@ -110,7 +112,7 @@ def log_results(client, run_id: str, result, *, source=None, data_file: str = ""
         tags["phitune.eval_model_uri"] = source.uri
     for key, value in tags.items():
         if value:
-            client.set_tag(run_id, key, str(value)[:5000])
+            client.set_tag(run_id, key, redact_text(str(value))[:5000])
     if result.samples:
         client.log_table(run_id, data=pd.DataFrame(result.samples), artifact_file=TABLE_FILE)
     summary = {"model_uri": source.uri if source else None, "source_run_id": source.run_id if source else None,
@@ -159,8 +161,6 @@ def evaluate_model_uri(cfg) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from phitune.evaluation.source import resolve_model
-
     from omegaconf.errors import MissingMandatoryValue
 
     try:
@@ -173,7 +173,7 @@ def evaluate_model_uri(cfg) -> dict:
     # The data first: a bad file stops before any model is downloaded or loaded.
     conversations, digest = load_conversations(test_file, settings.limit, cfg.data.get("allow_warnings", True))
     with tempfile.TemporaryDirectory(prefix="phitune-eval-") as tmp:
-        source = resolve_model(model_uri, Path(tmp), cfg.get("model"))
+        source = resolve(model_uri, cfg.tracking.uri, Path(tmp), cfg.get("model"))
         print(f"evaluating {source.describe()} on {test_file} ({len(conversations)} conversations)", file=sys.stderr)
         result = score(source, conversations, settings, cfg.data.get("max_seq_len"))
 
@@ -201,7 +201,7 @@ def evaluate_model_uri(cfg) -> dict:
     print(format_metrics(result.metrics))
     if run_id:
         print(f"logged to MLflow run {run_id} ({TABLE_FILE} holds the sample generations); "
-              f"browse: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+              f"browse: mlflow ui --backend-store-uri {redact_text(cfg.tracking.uri)}")
     return {"metrics": result.metrics, "run_id": run_id, "source_run_id": source.run_id, "samples": result.samples}
 
 
@@ -216,16 +216,16 @@ def _log_dataset(path: str, conversations: list, digest: str) -> None:
 
 def _run_model_source(client, run_id: str, workdir: Path):
     """The run's MLflow model, else its last logged epoch checkpoint."""
-    from phitune.evaluation.source import resolve_model
+    import mlflow
 
     try:
-        return resolve_model(f"runs:/{run_id}/model", workdir / "m")
+        return resolve(f"runs:/{run_id}/model", mlflow.get_tracking_uri(), workdir / "m")
     except PhituneError:
         pass
     epochs = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints") if a.is_dir)
     if not epochs:
         return None
-    return resolve_model(f"runs:/{run_id}/{epochs[-1]}", workdir / "c")
+    return resolve(f"runs:/{run_id}/{epochs[-1]}", mlflow.get_tracking_uri(), workdir / "c")
 
 
 def evaluate_run(cfg, run_id: str) -> Optional[dict]:
@@ -271,7 +271,7 @@ def evaluate_run(cfg, run_id: str) -> Optional[dict]:
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # the model is trained and logged: report, don't fail the run
-        message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+        message = redact_text(f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:2000]
         print(f"warning: evaluation at the end of the run failed: {message}", file=sys.stderr)
         try:
             client.set_tag(run_id, "phitune.eval_error", message)

@@ -174,3 +174,20 @@ class ChatGenerator:
             "prompt_tokens": len(prompt),
             "completion_tokens": sampled,
         }
+
+
+def load_generator(source, device: str = "cpu") -> ChatGenerator:
+    """Load a resolved model (phitune.models.uri.ModelSource): base + adapter in a ChatGenerator
+    (the slow part: seconds to minutes)."""
+    import warnings
+
+    import transformers
+
+    from phitune.modeling.loader import load_for_inference
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    model, tokenizer = load_for_inference(source.base_ref, source.adapter_dir, device=device)
+    context = int(source.context_length or getattr(model.config, "max_position_embeddings", 4096))
+    return ChatGenerator(model, tokenizer, context)

@@ -90,7 +90,7 @@ def _epoch_dirs(client, run_id: str) -> list[str]:
 def _epoch_metrics(client, run_id: str, epoch_dir: str, workdir: Path) -> Optional[dict]:
     from mlflow.exceptions import MlflowException
 
-    from phitune.evaluation.source import quiet_downloads
+    from phitune.models.uri import quiet_downloads
 
     try:
         with quiet_downloads():
@@ -199,7 +199,7 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
     import mlflow
 
     from phitune.evaluation.run import quiet_libraries
-    from phitune.evaluation.source import quiet_downloads, run_base_reference
+    from phitune.models.uri import quiet_downloads, run_base_reference
     from phitune.tracking.pyfunc_model import log_chat_model
 
     if mlflow.active_run() is not None:

@@ -1,6 +1,6 @@
 """Serving a fine-tuned model as an OpenAI-compatible web service (`phitune serve`).
 
-    model_source  models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/model -> ChatGenerator
+    (models are resolved by phitune.models.uri and loaded by phitune.modeling.generate.load_generator)
     app           FastAPI app: /v1/chat/completions (plain + SSE), /v1/models, /health
     auth          API key resolution and constant-time checks
     schemas       request validation, OpenAI-style errors

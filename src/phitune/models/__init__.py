@@ -1,0 +1,1 @@
+"""Model references: URIs of registered, logged and checkpointed models (phitune.models.uri)."""
