@@ -24,7 +24,7 @@ trial). Tokens and losses are deterministic for a seed; wall time depends on the
 machine's load (printed with it), so CPU seconds of the sweep's processes are shown
 too, with one torch thread per trial (--threads) so that they count work, not spinning.
 
-Target (issue 3): the pruned best within 2% of the unpruned best, for at most 60% of
+Target: the pruned best within 2% of the unpruned best, for at most 60% of
 the unpruned sweep's training tokens.
 """
 from __future__ import annotations

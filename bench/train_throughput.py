@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "support_train.jsonl"
 DEFAULT_PEERS = ("phitune", "trainer", "trl", "phitune-densemask")
 ALL_PEERS = ("phitune", "trainer", "trl", "trl-gc", "phitune-densemask", "phitune-varlen")
-TARGET_VS_TRL = 1.3  # issue 2: phitune at least 1.3x TRL's tokens/s
+TARGET_VS_TRL = 1.3  # goal: phitune at least 1.3x TRL's tokens/s
 
 LORA = dict(rank=8, alpha=16, dropout=0.05, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
 MODEL_CFG = {"name": "tiny-phi3", "builtin": "tiny-phi3", "torch_dtype": "float32", "attn_implementation": "sdpa"}

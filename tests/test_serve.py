@@ -602,8 +602,8 @@ def test_deployments_list_command(served, capsys):
 
 
 def test_registry_delete_guard_refuses_while_deployed(served, registry):
-    models = pytest.importorskip("phitune.registry.models", reason="the registry commands (issue 4) are not here yet")
     from phitune.errors import PhituneError
+    from phitune.registry import models
 
     with pytest.raises(PhituneError, match=f"undeploy {served.id}"):
         models.delete(registry.client, f"{MODEL}/{served.version}", served.uri)

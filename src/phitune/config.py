@@ -28,7 +28,8 @@ class ModelConfig:
     context_length: int = 4096  # tokens; longer examples are truncated
     lora_target_modules: List[str] = field(default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     torch_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"
+    # packed_sdpa: SDPA per packed example, no [T, T] mask (phitune.modeling.attention)
+    attn_implementation: str = "packed_sdpa"
     trust_remote_code: bool = False
 
 
@@ -45,7 +46,7 @@ class DataConfig:
     max_seq_len: Optional[int] = None  # tokens; None = model.context_length
     test_file: Optional[str] = None  # held-out conversations for the end-of-run evaluation (else validation)
     allow_warnings: bool = True
-    # Issue 5: screen the data with the content filter before training.
+    # Screen the data with the content filter before any compute (phitune.safety.screen).
     safety_check: bool = False
     allow_flagged: bool = False
     safety_config: Optional[str] = None  # a filter YAML (conf/safety/*.yaml); None = the default filter
@@ -77,8 +78,9 @@ class TrainConfig:
     output_dir: Optional[str] = None  # None = checkpoints/<experiment>/<config hash>
     progress: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
-    # Issue 4: run the evaluation suite at the end of a single run.
-    evaluate_at_end: bool = False
+    # Single runs end with the evaluation suite (loss + generation metrics on the
+    # validation or test data); sweep trials skip it.
+    evaluate_at_end: bool = True
 
 
 @dataclass

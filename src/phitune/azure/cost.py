@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from phitune.errors import PhituneError
+from phitune.train.schedule import resolve_epochs
 
 CHARS_PER_TOKEN = 4  # rough average for English text with a BPE tokenizer
 
@@ -70,27 +71,6 @@ def _token_counter(cfg):
         return estimate, f"~{CHARS_PER_TOKEN} characters per token (no tokenizer)", False
 
 
-def _resolve_epochs(epochs, n_examples: int) -> int:
-    try:
-        from phitune.train.schedule import resolve_epochs
-    except ImportError:  # pragma: no cover - the recipe's helper is the reference
-        resolve_epochs = _auto_epochs
-    return resolve_epochs(epochs, n_examples)
-
-
-def _auto_epochs(epochs, n_examples: int) -> int:
-    """OpenAI's n_epochs=auto: 3, scaled so examples x epochs stays in 100..25,000, clamped to 1..25."""
-    if str(epochs).strip().lower() != "auto":
-        return int(epochs)
-    if n_examples <= 0:
-        return 3
-    if n_examples * 3 < 100:
-        return min(25, -(-100 // n_examples))
-    if n_examples * 3 > 25_000:
-        return max(1, 25_000 // n_examples)
-    return 3
-
-
 def prepare_data(cfg):
     """Run the local validator on the run's data (DataError when unusable); (splits, counter info)."""
     from phitune.data.dataset import prepare_splits
@@ -116,7 +96,7 @@ def token_estimate(cfg, epochs=None, prepared=None) -> TokenEstimate:
         epochs = cfg.train.epochs
     # A sweep over epochs: bill the largest a trial can run (an upper bound).
     candidates = list(epochs) if isinstance(epochs, (list, tuple)) else [epochs]
-    resolved = max(_resolve_epochs(e, n) for e in candidates)
+    resolved = max(resolve_epochs(e, n) for e in candidates)
     return TokenEstimate(n_examples=n, tokens_per_epoch=per_epoch, epochs=resolved, counted_with=counted_with,
                          exact=exact)
 

@@ -43,7 +43,7 @@ HYPERPARAMETER_NAMES = {
 
 def hyperparameters(cfg, settings, n_examples: int) -> dict:
     """Foundry's hyperparameters (all strings, as the service takes them) from phitune's config."""
-    from phitune.azure.cost import _resolve_epochs
+    from phitune.train.schedule import resolve_epochs
 
     style = str(settings.hyperparameter_names)
     if style not in HYPERPARAMETER_NAMES:
@@ -52,7 +52,7 @@ def hyperparameters(cfg, settings, n_examples: int) -> dict:
     multiplier = float(cfg.train.learning_rate_multiplier)
     # Examples per optimizer step, as a local run computes it (base x multiplier).
     batch = int(cfg.model.base_batch_size) * int(cfg.train.batch_size_multiplier)
-    epochs = _resolve_epochs(cfg.train.epochs, n_examples)
+    epochs = resolve_epochs(cfg.train.epochs, n_examples)
     lr = multiplier if style == "portal" else float(cfg.model.base_learning_rate) * multiplier
     return {lr_name: _num(lr), batch_name: str(batch), epochs_name: str(epochs)}
 

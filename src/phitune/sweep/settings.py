@@ -17,7 +17,7 @@ class SamplerConf:
     name: str = "tpe"  # tpe | random | grid | cmaes | qmc
     # tpe and random: trial N samples with seed + N, so a resumed or parallel sweep does
     # not replay the first trials' random draws. null = not reproducible.
-    seed: Optional[int] = None
+    seed: Optional[int] = 42
     n_startup_trials: int = 10  # tpe, cmaes: random trials before the model is used
     multivariate: bool = False  # tpe: model parameters jointly
     constant_liar: bool = False  # tpe: parallel workers avoid points near running trials
