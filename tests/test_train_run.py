@@ -57,7 +57,8 @@ def trained_run(tmp_path_factory, small_data):
     os.environ["PHITUNE_TEST_API_KEY"] = CANARY  # a secret in the environment must never be logged
     from phitune.recipe import run
 
-    cfg = compose(run_overrides(tmp, *small_data))
+    # ... even when a tag repeats it: the tag, its param and config.yaml all carry it unless masked.
+    cfg = compose(run_overrides(tmp, *small_data, f"+tracking.tags.support_ticket={CANARY}"))
     objective = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("phitune").experiment_id])
@@ -128,10 +129,12 @@ def test_logged_model_loads_and_answers_a_chat(trained_run):
 
 
 def test_no_secret_reaches_the_tracking_store(trained_run):
-    tmp = trained_run["tmp"]
-    for path in (tmp / "mlruns").rglob("*"):
-        if path.is_file():
-            assert CANARY.encode() not in path.read_bytes(), path
+    tmp, run = trained_run["tmp"], trained_run["run"]
+    assert run.data.tags["support_ticket"] == "***" and run.data.params["tracking.tags.support_ticket"] == "***"
+    files = [p for p in (tmp / "mlruns").rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files)  # the scan reads the artifacts too
+    for path in files:
+        assert CANARY.encode() not in path.read_bytes(), path
 
 
 def test_keep_last_three_checkpoints(tmp_path, small_data):
@@ -171,6 +174,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, small_data):
     subprocess.run(_cmd(b, *small_data, *extra, "resume=true"), check=True, cwd=REPO, capture_output=True)
     (resumed,) = client.search_runs([exp])  # the same MLflow run continued
     assert resumed.info.run_id == killed.info.run_id and resumed.info.status == "FINISHED"
+    # the killed process logged some of epoch 2's steps, which the resumed one replays: once each
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train_loss")] == list(range(1, 19))
     wa = load_file(str(a / "ckpt" / "epoch-003" / "trainable.safetensors"))
     wb = load_file(str(b / "ckpt" / "epoch-003" / "trainable.safetensors"))
     assert wa.keys() == wb.keys()

@@ -201,7 +201,8 @@ def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_e
     tags = {"phitune.config_hash": config_hash(cfg), "phitune.model": cfg.model.name,
             "phitune.data_digest": splits.digest, "phitune.train_digest": splits.train_digest,
             "phitune.valid_digest": splits.valid_digest or "", "phitune.validation_mode": splits.mode,
-            **{k: str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
+            # Flattened, so that a nested tag's secret-named key (`a.hf_token`) is masked like a param's.
+            **flatten(OmegaConf.to_container(cfg.tracking.tags, resolve=True) if cfg.tracking.get("tags") else {})}
     if reporter is not None:
         tags["phitune.trial_number"] = str(cfg.trial.number)
         tags["phitune.study"] = str(cfg.trial.study_name)

@@ -3,11 +3,10 @@
 Subscription ids, resource groups and workspace names identify resources; they
 are not secrets and stay readable. Keys, client secrets, SAS tokens and API keys
 are: they never enter a job's command, environment variables, tags, written
-YAML, printed output or MLflow. Two nets, shared with phitune.tracking.redact:
-
-- keys that name a secret (`*_key`, `*secret`, `*token`, `password`, `sas`, ...);
-- any value equal to an environment variable whose name says it holds one
-  (AZURE_CLIENT_SECRET, PHITUNE_API_KEY, OPENAI_API_KEY, ...).
+YAML, printed output or MLflow. The masking itself (secret-named keys, URL
+passwords, values of secret environment variables) is phitune.redact's; this
+module adds what only Azure needs: refusing secrets in a remote job's overrides
+and environment, a last net over written files, and a filter for azure's loggers.
 
 A secret in a command-line override is refused rather than masked: a masked
 override would change what the remote job runs.
@@ -19,28 +18,10 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from phitune.errors import PhituneError
-from phitune.tracking.redact import MASK, is_secret_key, redact_text, secret_values
+from phitune.redact import MASK, is_secret_key, override_key, redact_text, redact_tree, secret_values
 
 __all__ = ["MASK", "is_secret_key", "secret_values", "redact_text", "redact_tree", "check_overrides",
            "safe_env", "assert_clean_file", "RedactingFilter", "install_log_filter"]
-
-
-def redact_tree(obj, secrets: Optional[set] = None):
-    """A copy of a JSON-like tree with secret-named keys masked and secret values replaced."""
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(obj, dict):
-        return {k: (MASK if is_secret_key(str(k)) and obj[k] not in (None, "") else redact_tree(v, secrets))
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_tree(v, secrets) for v in obj)
-    if isinstance(obj, str):
-        return redact_text(obj, secrets)
-    return obj
-
-
-def _override_key(override: str) -> str:
-    key = override.split("=", 1)[0]
-    return key.lstrip("+~")
 
 
 def check_overrides(overrides: Iterable[str], secrets: Optional[set] = None) -> list[str]:
@@ -52,7 +33,7 @@ def check_overrides(overrides: Iterable[str], secrets: Optional[set] = None) -> 
     secrets = secret_values() if secrets is None else secrets
     out = []
     for ov in overrides:
-        key = _override_key(ov)
+        key = override_key(ov)
         value = ov.split("=", 1)[1] if "=" in ov else ""
         if (is_secret_key(key) and value) or any(s in ov for s in secrets):
             raise PhituneError(

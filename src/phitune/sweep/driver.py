@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from phitune import redact
 from phitune.errors import PhituneError
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
@@ -178,7 +179,7 @@ class Sweep:
             "pruner": st.describe_pruner(self.pruner_spec), "metric": self.metric,
             "search_space": sp.describe(self.plan.space_text),
             **{f"space.{k}": v for k, v in self.plan.space_text.items()},
-            "fixed_overrides": " ".join(self.plan.fixed),
+            "fixed_overrides": " ".join(redact.redact_overrides(self.plan.fixed)),
         })
 
     # -- the loop ----------------------------------------------------------------------
@@ -197,7 +198,7 @@ class Sweep:
               f" · MLflow parent run {self.parent.run_id}")
         print(f"  search space: {sp.describe(self.plan.space_text)}")
         if self.plan.fixed:
-            print(f"  every trial: {' '.join(self.plan.fixed)}")
+            print(f"  every trial: {' '.join(redact.redact_overrides(self.plan.fixed))}")
 
         started = time.monotonic()
         stop_reason, status = None, "FINISHED"
@@ -421,9 +422,9 @@ class Sweep:
         try:
             skipped = log_to_parent(self.parent, self.study, self.metric, counts, self.sweep_dir, bool(self.s.plots))
         finally:
-            self.parent.client.set_tag(self.parent.run_id, STUDY_TAG, self.study_name)
+            self.parent.set_tag(STUDY_TAG, self.study_name)
             if stop_reason:
-                self.parent.client.set_tag(self.parent.run_id, "phitune.stop_reason", stop_reason[:5000])
+                self.parent.set_tag("phitune.stop_reason", stop_reason[:5000])
             self.parent.finish(status)
         for name, why in skipped.items():
             print(f"  plot {name} skipped: {why}")

@@ -10,6 +10,7 @@ import re
 import time
 from pathlib import Path
 
+from phitune import redact
 from phitune.sweep.study import PARENT_RUN_ATTR
 
 TRIAL_TAG = "phitune.trial_number"
@@ -25,6 +26,7 @@ MAX_PARAM_CHARS = 6000
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    redact.quiet_mlflow_url(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -77,20 +79,24 @@ class ParentRun:
             client.update_run(run_id, status="RUNNING")
             return cls(tracking_cfg, run_id, exp_id, resumed=True)
         run = client.create_run(exp_id, run_name=f"sweep-{study.study_name}",
-                                tags={STUDY_TAG: study.study_name, "phitune.sweep": sweep_name, "phitune.role": "sweep"})
+                                tags=redact.redact_mapping({STUDY_TAG: study.study_name, "phitune.sweep": sweep_name,
+                                                            "phitune.role": "sweep"}))
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
         return cls(tracking_cfg, run.info.run_id, exp_id, resumed=False)
 
     def log_params(self, params: dict) -> None:
         """Params are immutable in MLflow: a resumed sweep adds new keys and keeps the first values."""
         existing = self.client.get_run(self.run_id).data.params
-        for key, value in params.items():
+        for key, value in redact.redact_mapping(params).items():
             key = re.sub(r"[^\w\-. /:]", "_", key)  # MLflow's allowed characters (e.g. no '@')
             text = "" if value is None else str(value)[:MAX_PARAM_CHARS]
             if key not in existing:
                 self.client.log_param(self.run_id, key, text)
             elif existing[key] != text:
                 self.client.set_tag(self.run_id, f"phitune.now.{key}", text[:MAX_PARAM_CHARS])
+
+    def set_tag(self, key: str, value) -> None:
+        self.client.set_tag(self.run_id, key, redact.redact_text(str(value))[:MAX_PARAM_CHARS])
 
     def find_child(self, number: int):
         runs = self.client.search_runs(

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from phitune.tracking import redact
+from phitune import redact
 from phitune.train.loop import Callback
 
 
@@ -37,6 +37,7 @@ def sqlite_artifact_root(uri: str) -> str | None:
 
 def setup_tracking(tracking_cfg) -> str:
     """Point MLflow at the store and return the experiment id (created if needed)."""
+    redact.quiet_mlflow_url(tracking_cfg.uri)
     mlflow.set_tracking_uri(tracking_cfg.uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(tracking_cfg.experiment)
@@ -80,7 +81,7 @@ class TrackedRun(Callback):
             run = mlflow.start_run(run_id=azure["run_id"])
         else:
             exp_id = setup_tracking(self.cfg)
-            tags = {k: str(v) for k, v in self.tags.items()}
+            tags = redact.redact_mapping({k: str(v) for k, v in self.tags.items()}, self._secrets)
             if self.cfg.get("parent_run_id"):
                 tags["mlflow.parentRunId"] = self.cfg.parent_run_id
             if self.resume_run_id:
@@ -123,10 +124,12 @@ class TrackedRun(Callback):
             mlflow.log_params(dict(items[i:i + 100]))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(redact.redact_text(text, self._secrets), artifact_file)
+        # A YAML file (config.yaml) is masked as a tree: a secret-named key at any depth.
+        yaml_file = artifact_file.endswith((".yaml", ".yml"))
+        mlflow.log_text((redact.redact_yaml if yaml_file else redact.redact_text)(text, self._secrets), artifact_file)
 
     def set_tags(self, tags: dict) -> None:
-        mlflow.set_tags({k: redact.redact_text(str(v), self._secrets) for k, v in tags.items()})
+        mlflow.set_tags(redact.redact_mapping({k: str(v) for k, v in tags.items()}, self._secrets))
 
     def on_step(self, step: int, metrics: dict) -> None:
         keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "train_tokens")
