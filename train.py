@@ -8,15 +8,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 import phitune.config  # noqa: F401  (registers the structured configs)
+from phitune.errors import PhituneError
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg) -> float | None:
-    from phitune.errors import PhituneError
-    from phitune.recipe import run
+    from phitune.preflight import check_run
 
     hc = HydraConfig.get()
     try:
+        check_run(cfg)  # before `import phitune.recipe` (torch, ~3 s): bad folders and stores fail in a second
+        from phitune.recipe import run
+
         return run(cfg, list(hc.overrides.task))
     except PhituneError as exc:
         if hc.mode == RunMode.MULTIRUN:
@@ -25,5 +28,17 @@ def main(cfg) -> float | None:
         sys.exit(exc.exit_code)
 
 
+def _check_hydra_dirs() -> None:
+    """Hydra makes hydra.run.dir / hydra.sweep.dir before main(): a bad one is refused here."""
+    from phitune.preflight import check_hydra_dirs
+
+    try:
+        check_hydra_dirs(sys.argv[1:])
+    except PhituneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
 if __name__ == "__main__":
+    _check_hydra_dirs()
     main()

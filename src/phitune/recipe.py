@@ -5,7 +5,6 @@ config. It returns the objective the sweep optimises: the final full_valid_loss.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -16,21 +15,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from phitune.errors import PhituneError
+from phitune.preflight import check_run, config_hash, default_output_dir
 from phitune.train import distributed
 from phitune.train.loop import Callback, LoopSpec, TrainState, fit
-
-
-def config_hash(cfg) -> str:
-    """Identity of a run's settings, for its checkpoint folder: the same command resumes."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c.pop("resume", None)
-    c.get("train", {}).pop("progress", None)
-    c.get("tracking", {}).pop("parent_run_id", None)
-    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def default_output_dir(cfg) -> Path:
-    return Path("checkpoints") / cfg.tracking.experiment / config_hash(cfg)
 
 
 class _TrialCallback(Callback):
@@ -99,8 +86,10 @@ def _quiet_libraries() -> None:
 
 
 def run(cfg, overrides: list[str] | None = None):
+    # The backend table, then the output folder and the tracking store: bad ones fail now, not after an epoch.
+    backend = check_run(cfg)
     _quiet_libraries()
-    if cfg.backend.name != "local":
+    if backend.name != "local":
         from phitune.azure.submit import submit
 
         return submit(cfg, list(overrides or []))

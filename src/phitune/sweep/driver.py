@@ -55,16 +55,21 @@ class SweepContext:
 
 
 def run_sweep(ctx: SweepContext, arguments: list[str]) -> list:
+    from phitune import backends, preflight
+
+    # First, before a study, an MLflow run or a request exists: can this backend sweep at all?
+    backend = backends.lookup(OmegaConf.select(ctx.config, "backend.name", default=None) or "local", "sweep")
     s = ctx.settings
     plan = plan_sweep(s.params, arguments)
     if not plan.space:
         raise PhituneError("nothing to sweep: hydra.sweeper.params is empty and the command line has no search space "
                            "(e.g. 'train.epochs=range(1,4)' or sweep=NAME)")
 
-    backend = OmegaConf.select(ctx.config, "backend.name", default=None)
-    if backend == "azureml":
+    if backend.sweep == "azure":
         return _submit_to_azure(ctx, plan)
 
+    if OmegaConf.select(ctx.config, "tracking.uri", default=None):
+        preflight.check_tracking(ctx.config.tracking)  # the parent run opens there before any trial
     _validate(ctx, plan)
     return Sweep(ctx, plan).run()
 
