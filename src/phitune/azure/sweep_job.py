@@ -112,54 +112,35 @@ def search_space_name(path: str) -> str:
     return name if re.match(r"[A-Za-z_]", name) else "p_" + name
 
 
-def _parse(path: str, expr: str):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_override(f"{path}={expr}")
-    except HydraException as exc:
-        raise PhituneError(f"sweep parameter {path}={expr}: not valid Hydra override grammar "
-                           f"({' '.join(str(exc).split())[:200]})") from None
-
-
 def translate_param(path: str, expr: str):
-    """A Param for a sweep expression, or the fixed override string `path=value` for a plain value."""
+    """A Param for a sweep expression, or the fixed override string `path=value` for a plain value.
+
+    The expression is parsed by phitune.sweep.space, the grammar the local sweeper uses, so
+    the same expression means the same values on both backends (and fails the same way).
+    """
     from azure.ai.ml.sweep import Choice, LogUniform, QLogUniform, QUniform, Uniform
 
-    override = _parse(path, str(expr))
-    name = search_space_name(path)
-    if not override.is_sweep_override():
+    from phitune.sweep import space
+
+    if not space.parse_override(path, str(expr)).is_sweep_override():
         return f"{path}={expr}"
-    value = override.value()
-    if override.is_choice_sweep() or override.is_range_sweep():
-        values = [v for v in override.sweep_iterator()]
-        if not values:
-            raise PhituneError(f"sweep parameter {path}={expr}: no values")
-        bad = [v for v in values if isinstance(v, (dict, list))]
-        if bad:
-            raise PhituneError(f"sweep parameter {path}={expr}: Azure ML choice values must be numbers or strings")
-        return Param(path, name, "choice", Choice(values=values), False, str(expr), tuple(values))
-    if override.is_interval_sweep():
-        lo, hi = value.start, value.end
-        is_int = isinstance(lo, int) and isinstance(hi, int)
-        is_log = "log" in value.tags
-        if lo is None or hi is None or lo >= hi:
-            raise PhituneError(f"sweep parameter {path}={expr}: the interval needs low < high")
-        if is_log:
-            if lo <= 0:
-                raise PhituneError(f"sweep parameter {path}={expr}: a log interval needs low > 0")
-            # Azure's LogUniform/QLogUniform take the bounds of log(value), natural log.
-            if is_int:
-                return Param(path, name, "qloguniform", QLogUniform(min_value=math.log(lo), max_value=math.log(hi), q=1),
-                             True, str(expr), (lo, hi))
-            return Param(path, name, "loguniform", LogUniform(min_value=math.log(lo), max_value=math.log(hi)),
-                         False, str(expr), (lo, hi))
-        if is_int:
-            return Param(path, name, "quniform", QUniform(min_value=lo, max_value=hi, q=1), True, str(expr), (lo, hi))
-        return Param(path, name, "uniform", Uniform(min_value=float(lo), max_value=float(hi)), False, str(expr),
-                     (float(lo), float(hi)))
-    raise PhituneError(f"sweep parameter {path}={expr}: unsupported sweep expression for Azure ML")
+    dim = space.parse_dimension(path, str(expr))
+    name, src = search_space_name(path), str(expr)
+    if dim.kind == "choice" or dim.enumerated:  # choice(), range(): the listed values
+        values = tuple(dim.values(path))
+        return Param(path, name, "choice", Choice(values=list(values)), False, src, values)
+    lo, hi = dim.low, dim.high
+    if dim.log:
+        # Azure's LogUniform/QLogUniform take the bounds of log(value), natural log.
+        if dim.kind == "int":
+            return Param(path, name, "qloguniform", QLogUniform(min_value=math.log(lo), max_value=math.log(hi), q=1),
+                         True, src, (lo, hi))
+        return Param(path, name, "loguniform", LogUniform(min_value=math.log(lo), max_value=math.log(hi)), False, src,
+                     (lo, hi))
+    if dim.kind == "int":
+        return Param(path, name, "quniform", QUniform(min_value=lo, max_value=hi, q=1), True, src, (lo, hi))
+    return Param(path, name, "uniform", Uniform(min_value=float(lo), max_value=float(hi)), False, src,
+                 (float(lo), float(hi)))
 
 
 def _get(obj, key: str, default=None):
@@ -324,6 +305,7 @@ def translate(params: Mapping[str, str]) -> "tuple[list, list]":
 def _user_overrides(overrides: Optional[list], params: Mapping[str, str]) -> list:
     """The non-sweep command-line overrides; sweep expressions and swept keys are dropped."""
     from phitune.azure.command_job import override_key
+    from phitune.sweep import space
 
     if overrides is None:
         try:
@@ -338,7 +320,7 @@ def _user_overrides(overrides: Optional[list], params: Mapping[str, str]) -> lis
         key = override_key(ov)
         if key in keys:
             continue
-        if "=" in ov and _parse(key, ov.split("=", 1)[1]).is_sweep_override():
+        if "=" in ov and space.parse_override(key, ov.split("=", 1)[1]).is_sweep_override():
             print(f"note: {ov}: a sweep expression outside hydra.sweeper.params; not sent to Azure", file=sys.stderr)
             continue
         out.append(ov)

@@ -60,7 +60,7 @@ def plan_sweep(params: dict | None, arguments: list[str]) -> SweepPlan:
             fixed[key] = ov.input_line
     dists = {}
     for name, text in space_text.items():
-        dists[name] = sp.parse_dimension(name, text)
+        dists[name] = sp.to_optuna(sp.parse_dimension(name, text))
     return SweepPlan(space_text, dists, launch_keys, list(fixed.values()))
 
 

@@ -1,4 +1,7 @@
-"""Search spaces in the Hydra Optuna sweeper's grammar, as Optuna distributions.
+"""Search spaces in the Hydra Optuna sweeper's grammar, parsed once into neutral
+`Dimension`s, which `to_optuna` (phitune's sweeper) and phitune.azure.sweep_job (Azure
+ML sweep jobs) translate, so both backends accept exactly the same expressions with
+the same errors. As Optuna distributions:
 
     interval(0.1, 2.0)            FloatDistribution(0.1, 2.0)
     int(interval(1, 8))           IntDistribution(1, 8)             (both ends included)
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phitune.errors import PhituneError
@@ -33,7 +37,47 @@ _FLOAT_DIGITS = 12
 
 
 class SearchSpaceError(PhituneError):
-    """A search-space string that cannot become an Optuna distribution."""
+    """A search-space string that is not a search space this grammar allows."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched parameter, independent of the optimiser that samples it.
+
+    kind "float" or "int": [low, high], both included; `step` is None for a continuous
+    interval (int(interval()) has step 1), else the grid step; `enumerated` says the
+    values came from range(), i.e. the user listed a finite set. kind "choice": `choices`.
+    """
+
+    kind: str  # float | int | choice
+    low: Any = None
+    high: Any = None
+    step: Any = None
+    log: bool = False
+    enumerated: bool = False
+    choices: tuple = ()
+
+    def values(self, name: str) -> list:
+        """Every value of a discrete dimension (grid sampling, Azure's choice)."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "int" and not self.log:
+            return list(range(self.low, self.high + 1, self.step))
+        if self.kind == "float" and self.step is not None:
+            n = int(round((self.high - self.low) / self.step)) + 1
+            return [_round(self.low + i * self.step) for i in range(n)]
+        raise SearchSpaceError(f"sampler grid needs a discrete search space; {name!r} is continuous "
+                               "(use choice() or range() for it)")
+
+
+def to_optuna(dim: Dimension) -> "BaseDistribution":
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if dim.kind == "choice":
+        return CategoricalDistribution(list(dim.choices))
+    if dim.kind == "int":
+        return IntDistribution(int(dim.low), int(dim.high), step=int(dim.step or 1), log=dim.log)
+    return FloatDistribution(float(dim.low), float(dim.high), step=dim.step, log=dim.log)
 
 
 def _parser():
@@ -52,24 +96,23 @@ def parse_override(name: str, text: str) -> "Override":
         raise SearchSpaceError(f"search space for {name!r}: cannot parse {text!r}: {detail}") from None
 
 
-def parse_dimension(name: str, text: str) -> "BaseDistribution":
-    """One `hydra.sweeper.params` entry -> its Optuna distribution."""
+def parse_dimension(name: str, text: str) -> Dimension:
+    """One `hydra.sweeper.params` entry -> its Dimension."""
     text = text.strip()
     override = parse_override(name, text)
     if not override.is_sweep_override():
         raise SearchSpaceError(f"search space for {name!r}: {text!r} is a single value, not a search space "
                                "(use interval(), int(interval()), tag(log, ...), choice() or range())")
-    return distribution_from_override(override)
+    return dimension_from_override(override)
 
 
 def parse_space(params: dict[str, str]) -> dict[str, "BaseDistribution"]:
     """{name: search-space string} -> {name: Optuna distribution}, in the given order."""
-    return {str(name): parse_dimension(str(name), str(text)) for name, text in params.items()}
+    return {str(name): to_optuna(parse_dimension(str(name), str(text))) for name, text in params.items()}
 
 
-def distribution_from_override(override: "Override") -> "BaseDistribution":
+def dimension_from_override(override: "Override") -> Dimension:
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     name = override.get_key_element()
     value = override.value()
@@ -86,8 +129,8 @@ def distribution_from_override(override: "Override") -> "BaseDistribution":
         if log and low <= 0:
             raise fail("a log scale needs a lower bound above 0")
         if isinstance(low, int) and isinstance(high, int):  # int(interval(...))
-            return IntDistribution(int(low), int(high), log=log)
-        return FloatDistribution(float(low), float(high), log=log)
+            return Dimension("int", int(low), int(high), step=1, log=log)
+        return Dimension("float", float(low), float(high), log=log)
 
     if isinstance(value, RangeSweep) and not value.shuffle:
         values = list(override.sweep_iterator())
@@ -99,14 +142,14 @@ def distribution_from_override(override: "Override") -> "BaseDistribution":
             if log and step != 1:
                 raise fail("a log scale needs step 1 (Optuna's rule for integers)")
             if len(values) == 1:
-                return CategoricalDistribution(values)
-            return IntDistribution(int(low), int(high), step=int(step), log=log)
+                return Dimension("choice", choices=tuple(values))
+            return Dimension("int", int(low), int(high), step=int(step), log=log, enumerated=True)
         if log:
             raise fail("a log scale does not take a float step; use tag(log, interval(a, b))")
         low, high, step = (_round(float(v)) for v in (low, high, step))
         if len(values) == 1:
-            return CategoricalDistribution([low])
-        return FloatDistribution(low, high, step=step)
+            return Dimension("choice", choices=(low,))
+        return Dimension("float", low, high, step=step, enumerated=True)
 
     if isinstance(value, (ChoiceSweep, RangeSweep)):  # choice(), a,b,c, shuffle(range())
         if log:
@@ -125,7 +168,7 @@ def distribution_from_override(override: "Override") -> "BaseDistribution":
                 choices = sorted(choices)
             except TypeError:
                 choices = sorted(choices, key=repr)
-        return CategoricalDistribution(choices)
+        return Dimension("choice", choices=tuple(choices))
 
     raise fail("not a search space this sweeper supports (interval, int(interval), tag(log, ...), choice, range)")
 
@@ -137,18 +180,13 @@ def _round(x: float) -> float:
 
 
 def grid_values(name: str, dist: "BaseDistribution") -> list:
-    """Every value of a discrete distribution, for the grid sampler."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    """Every value of a discrete Optuna distribution, for the grid sampler."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     if isinstance(dist, CategoricalDistribution):
-        return list(dist.choices)
-    if isinstance(dist, IntDistribution) and not dist.log:
-        return list(range(dist.low, dist.high + 1, dist.step))
-    if isinstance(dist, FloatDistribution) and dist.step is not None:
-        n = int(round((dist.high - dist.low) / dist.step)) + 1
-        return [_round(dist.low + i * dist.step) for i in range(n)]
-    raise SearchSpaceError(f"sampler grid needs a discrete search space; {name!r} is continuous "
-                           "(use choice() or range() for it)")
+        return Dimension("choice", choices=tuple(dist.choices)).values(name)
+    kind = "float" if isinstance(dist, FloatDistribution) else "int"
+    return Dimension(kind, dist.low, dist.high, step=dist.step, log=dist.log).values(name)
 
 
 def suggest(trial, name: str, dist: "BaseDistribution") -> Any:
