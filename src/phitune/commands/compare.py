@@ -25,11 +25,11 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from phitune.errors import PhituneError
-    from phitune.registry import store
+    from phitune.models.uri import client_for, tracking_uri
     from phitune.registry.compare import leaderboard, render
 
     try:
-        client = store.client_for(store.tracking_uri(args.tracking_uri))
+        client = client_for(tracking_uri(args.tracking_uri))
         lb = leaderboard(client, experiment=args.experiment, sweep=args.sweep, metric=args.metric,
                          direction=args.direction, top=args.top)
     except PhituneError as exc:

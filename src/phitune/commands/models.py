@@ -40,11 +40,11 @@ def register(subparsers) -> None:
             p.print_help()
             return 2
         from phitune.errors import PhituneError
-        from phitune.registry import store
+        from phitune.models.uri import client_for, tracking_uri
 
-        uri = store.tracking_uri(args.tracking_uri)
+        uri = tracking_uri(args.tracking_uri)
         try:
-            return args.models_func(store.client_for(uri), uri, args)
+            return args.models_func(client_for(uri), uri, args)
         except PhituneError as exc:
             print(f"phitune models {args.models_command}: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -30,11 +30,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from phitune.errors import PhituneError
+    from phitune.models.uri import client_for, tracking_uri
     from phitune.registry import store
     from phitune.registry.promote import promote
 
     try:
-        client = store.client_for(store.tracking_uri(args.tracking_uri))
+        client = client_for(tracking_uri(args.tracking_uri))
         runs, parent = store.select_runs(client, experiment=args.experiment, sweep=args.sweep, run=args.run)
         if args.run and store.run_state(runs[0]) != "finished":
             raise PhituneError(f"run {args.run} is {store.run_state(runs[0])}, not finished: only finished runs are promoted")

@@ -1,13 +1,11 @@
-"""Tracking store access shared by compare, promote and models."""
+"""Run states, tags and metric directions shared by compare, promote and models
+(the store itself is opened by phitune.models.uri.client_for)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional
 
 from phitune.errors import PhituneError
 
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 DEFAULT_EXPERIMENT = "phitune"
 TRIAL_TAG = "phitune.trial_number"
 STATE_TAG = "phitune.trial_state"
@@ -20,26 +18,6 @@ _RUN_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed", "
 # name fragments -> direction, checked in order; anything else needs --direction
 _DIRECTIONS = (("loss", "min"), ("perplexity", "min"), ("objective", "min"), ("accuracy", "max"), ("f1", "max"),
                ("exact_match", "max"), ("rouge", "max"), ("bleu", "max"))
-
-
-def tracking_uri(explicit: Optional[str] = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else phitune's default sqlite store."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def client_for(uri: str):
-    """MlflowClient on `uri` (also set as mlflow's tracking URI). A sqlite store that does
-    not exist yet is an error, not a new empty database."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if not db.is_file():
-            raise PhituneError(f"no MLflow store at {db} (tracking URI {uri}): train something first "
-                               "(python train.py), or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def direction_for(metric: str, explicit: Optional[str] = None) -> str:
