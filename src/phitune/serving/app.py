@@ -126,90 +126,85 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def build_app(generator, api_key: str, settings: ServerSettings | None = None,
-              prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
-    limit = int(settings.max_tokens_limit or generator.context_length)
-    engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
-                    min(settings.default_max_tokens, limit))
-    created = int(time.time())
-    model_id = settings.model_id
+class ChatService:
+    """What the routes serve: one model behind the engine, the filters, the settings.
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        await asyncio.to_thread(engine.close, 2.0)
+    Each route is a plain method; `build_app` only wires them to FastAPI.
+    """
 
-    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.engine = engine
-    app.state.settings = settings
-    app.add_middleware(AuthMiddleware, checker=KeyChecker(api_key))
+    def __init__(self, generator, settings: ServerSettings, prompt_filter: ContentFilter | None,
+                 completion_filter: ContentFilter | None):
+        self.settings = settings
+        self.limit = int(settings.max_tokens_limit or generator.context_length)  # max_tokens accepted
+        self.engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
+                             min(settings.default_max_tokens, self.limit))
+        self.prompt_filter, self.completion_filter = prompt_filter, completion_filter
+        self.model_id = settings.model_id
+        self.created = int(time.time())
+        self.timeout = APIError(504, f"The request timed out after {self.engine.timeout_s:g} s (waiting and "
+                                     "generating).", "timeout_error", None, "timeout")
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return error_response(exc)
+    # -- GET routes -------------------------------------------------------------------
+    async def health(self):
+        pf, cf = self.prompt_filter, self.completion_filter
+        return {"status": "ok", "model": self.model_id, "pending": self.engine.pending,
+                "max_queue": self.engine.max_queue,
+                "content_filter": {"prompt": pf.backend_name if pf else "off",
+                                   "completion": cf.backend_name if cf else "off"}}
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            msg, code = f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url"
-        elif exc.status_code == 405:
-            msg, code = f"Method {request.method} is not allowed on {request.url.path}.", "method_not_allowed"
-        else:
-            msg, code = str(exc.detail), None
-        return error_response(APIError(exc.status_code, msg, "invalid_request_error", None, code,
-                                       headers=dict(exc.headers or {})))
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "phitune",
+                **self.settings.model_info}
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(APIError(500, "internal server error; see the server log", "server_error", None,
-                                       "internal_error"))
+    async def models(self):
+        return {"object": "list", "data": [self._model_card()]}
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_id, "pending": engine.pending, "max_queue": engine.max_queue,
-                "content_filter": {"prompt": prompt_filter.backend_name if prompt_filter else "off",
-                                   "completion": completion_filter.backend_name if completion_filter else "off"}}
-
-    def _model_card():
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "phitune", **settings.model_info}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name != model_id:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_id}'.",
+    async def model(self, name: str):
+        if name != self.model_id:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
                            "invalid_request_error", "model", "model_not_found")
-        return _model_card()
+        return self._model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_chat_request(parse_json(await read_body(request, settings.max_body_bytes)), limit)
-        prompt_verdict = await _screen(prompt_filter, "\n".join(m["content"] for m in req.messages))
-        prompt_results = ([{"prompt_index": 0, "content_filter_results": prompt_verdict.to_azure()}]
-                          if prompt_verdict.enabled else None)
-        if prompt_verdict.filtered_categories:
-            flagged = ", ".join(f"{c} {s}" for c, s in prompt_verdict.flagged())
+    # -- POST /v1/chat/completions ------------------------------------------------------
+    async def chat_completions(self, request: Request):
+        req = parse_chat_request(parse_json(await read_body(request, self.settings.max_body_bytes)), self.limit)
+        prompt_results = await self._screen_prompt(req.messages)
+        job = self._submit(req)
+        prompt_tokens = await self._started(job)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_id,
+                "system_fingerprint": FINGERPRINT}
+        if req.stream:
+            return StreamingResponse(self._stream(job, head, prompt_tokens, prompt_results, req.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await self._complete(job, head, prompt_tokens, prompt_results))
+
+    async def _screen_prompt(self, messages) -> list | None:
+        """The prompt's Azure-style verdict (None when unfiltered); APIError when it is blocked."""
+        verdict = await _screen(self.prompt_filter, "\n".join(m["content"] for m in messages))
+        if verdict.filtered_categories:
+            flagged = ", ".join(f"{c} {s}" for c, s in verdict.flagged())
             raise APIError(400, f"The response was filtered due to the prompt triggering the content management "
                                 f"policy ({flagged}). Please modify your prompt and retry.", "invalid_request_error",
                            "prompt", "content_filter",
                            extra={"status": 400, "innererror": {"code": "ResponsibleAIPolicyViolation",
-                                                                "content_filter_result": prompt_verdict.to_azure()}})
-        if prompt_verdict.blocked_by_error:
-            raise APIError(503, f"The content filter is unavailable: {prompt_verdict.error}", "server_error", None,
+                                                                "content_filter_result": verdict.to_azure()}})
+        if verdict.blocked_by_error:
+            raise APIError(503, f"The content filter is unavailable: {verdict.error}", "server_error", None,
                            "content_filter_unavailable")
+        return [{"prompt_index": 0, "content_filter_results": verdict.to_azure()}] if verdict.enabled else None
+
+    def _submit(self, req):
         try:
-            job = engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p, req.stop, req.seed,
-                                          req.stream))
+            return self.engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p, req.stop,
+                                                req.seed, req.stream))
         except QueueFull:
-            raise APIError(429, f"The server is busy: {engine.max_queue} requests are already waiting. Retry shortly.",
-                           "rate_limit_error", None, "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
-        timeout = APIError(504, f"The request timed out after {engine.timeout_s:g} s (waiting and generating).",
-                           "timeout_error", None, "timeout")
+            raise APIError(429, f"The server is busy: {self.engine.max_queue} requests are already waiting. Retry "
+                                "shortly.", "rate_limit_error", None, "rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+
+    async def _started(self, job) -> int:
+        """The prompt's token count once the worker has taken the job (or its error)."""
         try:
             kind, payload = await job.next_event()
         except BaseException:
@@ -217,16 +212,10 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
             raise
         if kind != "start":
             job.cancel()
-            raise timeout if kind == "timeout" else payload
-        prompt_tokens = payload
-        cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": cid, "created": now, "model": model_id, "system_fingerprint": FINGERPRINT}
+            raise self.timeout if kind == "timeout" else payload
+        return payload
 
-        if req.stream:
-            return StreamingResponse(
-                _stream(job, head, prompt_tokens, prompt_results, req.include_usage, timeout),
-                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    async def _complete(self, job, head: dict, prompt_tokens: int, prompt_results) -> dict:
         try:
             while True:
                 kind, payload = await job.next_event()
@@ -234,12 +223,12 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
                     result = payload
                     break
                 if kind == "timeout":
-                    raise timeout
+                    raise self.timeout
                 if kind == "error":
                     raise payload
         finally:
             job.cancel()
-        verdict = await _screen(completion_filter, result["text"])
+        verdict = await _screen(self.completion_filter, result["text"])
         finish, content = result["finish_reason"], result["text"]
         if verdict.filtered:
             finish, content = "content_filter", None
@@ -252,37 +241,40 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
                           "total_tokens": prompt_tokens + result["completion_tokens"]}}
         if prompt_results is not None:
             body["prompt_filter_results"] = prompt_results
-        return JSONResponse(body)
+        return body
 
-    async def _stream(job, head, prompt_tokens, prompt_results, include_usage, timeout):
+    async def _stream(self, job, head, prompt_tokens, prompt_results, include_usage):
         def chunk(choices, **extra):
             return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
-        screen = StreamScreen(completion_filter) if completion_filter is not None else None
+        def content(text):
+            return chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+
+        screen = StreamScreen(self.completion_filter) if self.completion_filter is not None else None
         deltas, finish, completion_tokens = 0, None, None
         try:
             if prompt_results is not None:  # Azure sends the prompt's verdict first, with no choices
                 yield chunk([], prompt_filter_results=prompt_results)
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
             while finish is None:
                 kind, payload = await job.next_event()
                 if kind == "delta":
                     deltas += 1
                     out, blocked = (payload, None) if screen is None else await _feed(screen, payload)
                     if out:
-                        yield chunk([{"index": 0, "delta": {"content": out}, "logprobs": None, "finish_reason": None}])
+                        yield content(out)
                     if blocked is not None:
                         job.cancel()  # stop generating what nobody will see
                         finish, completion_tokens = "content_filter", deltas
                 elif kind == "done":
                     out, blocked = ("", None) if screen is None else await _feed(screen, None)
                     if out:
-                        yield chunk([{"index": 0, "delta": {"content": out}, "logprobs": None, "finish_reason": None}])
+                        yield content(out)
                     finish = "content_filter" if blocked is not None else payload["finish_reason"]
                     completion_tokens = payload["completion_tokens"]
                 else:  # timeout or error after the stream began: an error event, as OpenAI sends one
-                    err = timeout if kind == "timeout" else payload
-                    yield _sse(err.body())
+                    yield _sse((self.timeout if kind == "timeout" else payload).body())
                     return
             last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
             if screen is not None and screen.result.enabled:
@@ -295,4 +287,45 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
         finally:
             job.cancel()  # finished, blocked, or the client went away
 
+
+async def _api_error(request, exc: APIError):
+    return error_response(exc)
+
+
+async def _http_error(request, exc: StarletteHTTPException):
+    if exc.status_code == 404:
+        msg, code = f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url"
+    elif exc.status_code == 405:
+        msg, code = f"Method {request.method} is not allowed on {request.url.path}.", "method_not_allowed"
+    else:
+        msg, code = str(exc.detail), None
+    return error_response(APIError(exc.status_code, msg, "invalid_request_error", None, code,
+                                   headers=dict(exc.headers or {})))
+
+
+async def _unexpected(request, exc: Exception):
+    log.exception("unhandled error")
+    return error_response(APIError(500, "internal server error; see the server log", "server_error", None,
+                                   "internal_error"))
+
+
+def build_app(generator, api_key: str, settings: ServerSettings | None = None,
+              prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None) -> FastAPI:
+    service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(service.engine.close, 2.0)
+
+    app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.service, app.state.engine, app.state.settings = service, service.engine, service.settings
+    app.add_middleware(AuthMiddleware, checker=KeyChecker(api_key))
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/models/{name:path}", service.model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     return app
