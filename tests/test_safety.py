@@ -188,9 +188,17 @@ def test_bad_yaml_file_fails_with_a_message(tmp_path):
         load_safety_config(tmp_path / "missing.yaml")
 
 
-def test_shipped_config_files_load():
-    for path in sorted((REPO / "conf/safety").glob("*.yaml")):
-        build_filters(load_safety_config(path))
+def test_shipped_presets_load_by_name_and_path():
+    from phitune.safety.filter import PRESETS
+
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert names == ["default", "strict"]
+    for name in names:
+        assert load_safety_config(name) == load_safety_config(PRESETS / f"{name}.yaml")
+        build_filters(load_safety_config(name))
+    assert load_safety_config("strict")["block_at"] == "low"
+    with pytest.raises(PhituneError, match="not a file, nor a preset \\(default, strict\\)"):
+        load_safety_config("stricter")
 
 
 def test_stream_screen_stops_before_the_offending_words_go_out():

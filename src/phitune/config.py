@@ -49,7 +49,8 @@ class DataConfig:
     # Screen the data with the content filter before any compute (phitune.safety.screen).
     safety_check: bool = False
     allow_flagged: bool = False
-    safety_config: Optional[str] = None  # a filter YAML (conf/safety/*.yaml); None = the default filter
+    # a content-filter preset (default, strict: src/phitune/safety/presets/) or YAML path; None = default
+    safety_config: Optional[str] = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     v.add_argument("--safety", action="store_true",
                    help="also screen every message with the content filter: flagged examples print as "
                         "FILE:LINE: category severity and make the file not usable (exit 1)")
-    v.add_argument("--safety-config", metavar="YAML", help="content-filter settings for --safety (default: local, medium)")
+    v.add_argument("--safety-config", metavar="YAML", help="content-filter settings for --safety: a preset (default, strict) or a YAML file (default: local, medium)")
     v.set_defaults(data_func=_validate)
     i = sub.add_parser(
         "inspect",

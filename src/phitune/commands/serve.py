@@ -4,7 +4,7 @@ and a deployment record.
     phitune serve models:/support-bot@champion                  # http://127.0.0.1:8000/v1
     PHITUNE_API_KEY=... phitune serve models:/support-bot/3 --port 8080
     phitune serve runs:/<RUN_ID>/model --content-filter azure   # Azure AI Content Safety
-    phitune serve models:/support-bot@champion --safety-config conf/safety/strict.yaml
+    phitune serve models:/support-bot@champion --safety-config strict
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def add_filter_arguments(parser) -> None:
     g = parser.add_argument_group("content filter (Azure AI Content Safety's categories: hate, sexual, violence, self_harm)")
     g.add_argument("--content-filter", choices=["local", "azure", "off"],
                    help="backend: local blocklists/patterns (default), azure (AZURE_CONTENT_SAFETY_ENDPOINT/_KEY), or off")
-    g.add_argument("--safety-config", metavar="YAML", help="content-filter settings (see conf/safety/default.yaml)")
+    g.add_argument("--safety-config", metavar="YAML", help="content-filter settings: a preset (default, strict) or a YAML file "
+                        "(src/phitune/safety/presets/default.yaml lists every key)")
     g.add_argument("--block-at", choices=["low", "medium", "high", "off"],
                    help="block every category from this severity up (default: medium)")
     g.add_argument("--threshold", action="append", default=[], metavar="CATEGORY=LEVEL",

@@ -267,14 +267,29 @@ def _merge_local(base: Mapping, extra: Mapping | None) -> dict:
     return out
 
 
+PRESETS = Path(__file__).with_name("presets")  # default.yaml (every key spelled out), strict.yaml
+
+
+def safety_config_path(name_or_path: str | Path) -> Path:
+    """A preset name (`strict`: phitune/safety/presets/strict.yaml) or a YAML path."""
+    text = str(name_or_path)
+    if "/" in text or text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        return Path(text)
+    preset = PRESETS / f"{text}.yaml"
+    if not preset.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise PhituneError(f"safety config {text!r}: not a file, nor a preset ({known})")
+    return preset
+
+
 def load_safety_config(path: str | Path | None = None, overrides: Mapping | None = None) -> dict:
-    """DEFAULT_CONFIG, then a YAML file, then `overrides` (dicts merge, the rest replaces); validated."""
+    """DEFAULT_CONFIG, then a YAML file or preset, then `overrides` (dicts merge, the rest replaces); validated."""
     import yaml
 
     config = copy.deepcopy(DEFAULT_CONFIG)
     layers = []
     if path:
-        p = Path(path)
+        p = safety_config_path(path)
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except OSError as exc:
