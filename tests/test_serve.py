@@ -322,6 +322,38 @@ def test_bad_input_gets_openai_style_4xx(served, body, status, code, param):
     assert_openai_error(payload, code, param)
 
 
+def test_unknown_model_is_404_model_not_found(served):
+    got, payload, _ = post(served.url, {"model": "gpt-4o", "messages": ASK})
+    assert got == 404
+    err = assert_openai_error(payload, "model_not_found", "model")
+    assert "'gpt-4o' does not exist" in err["message"] and MODEL in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(served.url).chat.completions.create(model="gpt-4o", messages=ASK, max_tokens=2)
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]},
+    {"tool_choice": "required"},
+    {"functions": [{"name": "lookup"}]},
+])
+def test_tool_calling_is_a_clear_400(served, extra):
+    got, payload, _ = post(served.url, {"model": MODEL, "messages": ASK, **extra})
+    assert got == 400
+    err = assert_openai_error(payload, "unsupported_parameter", next(iter(extra)))
+    assert "not supported by this model" in err["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_body_that_is_not_declared_json_is_415(served, content_type):
+    headers = {"Content-Type": content_type} if content_type else {"Content-Type": ""}
+    got, payload, _ = post(served.url, json.dumps({"model": MODEL, "messages": ASK}), headers=headers)
+    assert got == 415
+    assert_openai_error(payload, "unsupported_media_type")
+    ok, _, _ = post(served.url, json.dumps({"messages": ASK, "max_tokens": 1}),
+                    headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok == 200
+
+
 def test_prompt_over_context_through_openai_client(served):
     with pytest.raises(openai.BadRequestError) as info:
         client(served.url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": LONG}], stream=True)

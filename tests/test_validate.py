@@ -450,3 +450,11 @@ def test_cli_real_subprocess(tmp_path, repo_root):
                           cwd=repo_root, timeout=120)
     assert fail.returncode == 1 and "Traceback" not in fail.stderr
     assert f'{bad}:11: "messages" must be a list, got number' in fail.stdout
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"phitune {version('phitune')}"

@@ -13,7 +13,14 @@ COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "de
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="phitune", description="Fine-tune, sweep, compare, promote and serve small chat models.")
+    try:
+        release = version("phitune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        release = "unknown (not installed)"
+    parser.add_argument("--version", action="version", version=f"phitune {release}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"phitune.commands.{name}").register(sub)

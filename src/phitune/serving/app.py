@@ -161,13 +161,15 @@ class ChatService:
 
     async def model(self, name: str):
         if name != self.model_id:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_id}'.",
-                           "invalid_request_error", "model", "model_not_found")
+            raise _unknown_model(name, self.model_id)
         return self._model_card()
 
     # -- POST /v1/chat/completions ------------------------------------------------------
     async def chat_completions(self, request: Request):
+        _require_json(request)
         req = parse_chat_request(parse_json(await read_body(request, self.settings.max_body_bytes)), self.limit)
+        if req.model is not None and req.model != self.model_id:
+            raise _unknown_model(req.model, self.model_id)
         prompt_results = await self._screen_prompt(req.messages)
         job = self._submit(req)
         prompt_tokens = await self._started(job)
@@ -286,6 +288,19 @@ class ChatService:
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # finished, blocked, or the client went away
+
+
+def _unknown_model(name: str, served: str) -> APIError:
+    return APIError(404, f"The model '{name}' does not exist; this server serves '{served}' (GET /v1/models).",
+                    "invalid_request_error", "model", "model_not_found")
+
+
+def _require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (application/json, optionally with a charset)."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {kind or 'none'}.", "invalid_request_error",
+                       None, "unsupported_media_type")
 
 
 async def _api_error(request, exc: APIError):

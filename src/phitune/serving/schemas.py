@@ -17,8 +17,10 @@ MAX_STOP = 4  # as OpenAI
 # Accepted and ignored (a client library may send them with their neutral values).
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options", "logit_bias",
             "frequency_penalty", "presence_penalty", "top_logprobs"}
+# OpenAI parameters this server understands but cannot honour: a clear 400, not "unrecognized".
+_TOOLS = ("tools", "tool_choice", "functions", "function_call")
 _KNOWN = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
-          "stream", "n", "logprobs", "response_format"} | _IGNORED
+          "stream", "n", "logprobs", "response_format"} | _IGNORED | set(_TOOLS)
 
 
 class APIError(Exception):
@@ -87,6 +89,10 @@ def parse_chat_request(body, max_tokens_limit: int) -> ChatRequest:
     unknown = sorted(set(body) - _KNOWN)
     if unknown:
         raise invalid(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0], "unknown_parameter")
+    for key in _TOOLS:
+        if body.get(key) not in (None, [], "none"):
+            raise invalid(f"{key} is not supported by this model: it was fine-tuned for chat without tool calling; "
+                          "send plain messages", key, "unsupported_parameter")
     messages = body.get("messages")
     if messages is None:
         raise invalid("Missing required parameter: 'messages'", "messages", "missing_required_parameter")
