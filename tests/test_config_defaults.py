@@ -27,6 +27,7 @@ def _default(schema, dotted: str):
 def test_config_yaml_restates_no_default_differently():
     top = yaml.safe_load((REPO / "conf/config.yaml").read_text()) or {}
     top.pop("defaults", None)
+    top.pop("hydra", None)  # the help text
     for key, value in _leaves(top):
         assert value == _default(PhituneConfig, key), f"conf/config.yaml {key}: {value!r} differs from src/phitune/config.py"
 
@@ -40,3 +41,20 @@ def test_model_defaults_are_what_every_shipped_model_uses():
 def test_sweeper_seed_default_is_the_shipped_one():
     shipped = yaml.safe_load((REPO / "sweeps/default.yaml").read_text())
     assert shipped["sampler"]["seed"] == _default(PhituneOptunaSweeperConf, "sampler.seed")
+
+
+def test_train_help_is_phitunes_own():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "powered by Hydra" not in text and "python train.py -m" in text
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):  # every sweep file is named
+        assert f"sweeps/{path.name}" in text, path.name
+    for group in sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir()):
+        options = ", ".join(sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")))
+        assert f"{group}: {options}" in text, group
+    for name in ("train.learning_rate_multiplier", "train.batch_size_multiplier", "train.epochs"):
+        assert name in text
