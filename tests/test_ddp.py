@@ -1,6 +1,7 @@
 """Two gloo processes on CPU train like one process with the same effective batch."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,30 @@ def test_torchrun_two_processes_match_one(tmp_path, small_data):
         _only_run(one), "train_loss")]
     losses2 = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     torch.testing.assert_close(torch.tensor(losses1), torch.tensor(losses2), atol=1e-3, rtol=1e-4)
+
+
+def test_torchrun_resume_gives_each_rank_its_own_rng_back(tmp_path, small_data):
+    """LoRA dropout draws from each rank's generator: resumed at epoch 1, a 2-process run
+    ends with the weights of the uninterrupted one only if every rank got its own state back."""
+    extra = ["train.epochs=2", "train.lora.dropout=0.1", "tracking.log_model=false", "model.base_batch_size=8"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "train.py", *run_overrides(tmp_path, *small_data, *extra),
+           f"hydra.run.dir={tmp_path}/h"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "ckpt"
+    rank0, rank1 = (load_file(str(ckpt / "epoch-001" / f"rng-rank{r}.safetensors"))["torch"] for r in (0, 1))
+    assert not torch.equal(rank0, rank1), "the ranks' generators agree: the test could not tell them apart"
+    uninterrupted = load_file(str(ckpt / "epoch-002" / "trainable.safetensors"))
+    shutil.rmtree(ckpt / "epoch-002")  # as if killed during epoch 2
+
+    r = subprocess.run(cmd + ["resume=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    resumed = load_file(str(ckpt / "epoch-002" / "trainable.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
 
 
 def _only_run(root: Path) -> str:

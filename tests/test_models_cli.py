@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -56,16 +58,29 @@ def registry(db):
     return {**db, "bot": bot, "other": other}
 
 
+@pytest.fixture
+def server():
+    """A live process standing in for `phitune serve`: its pid and start time, as serve records them."""
+    from phitune.serving.server import process_start_time
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield {"pid": proc.pid, "pid_started": process_start_time(proc.pid), "proc": proc}
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
 def models(capsys, registry, *args):
     rc = main(["models", *args, "--tracking-uri", registry["uri"]])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
-def test_list_shows_versions_aliases_and_deployments(registry, capsys):
+def test_list_shows_versions_aliases_and_deployments(registry, server, capsys):
     bot, other = registry["bot"], registry["other"]
     dep = deployments.record_deployment(f"models:/{bot}@champion", bot, "1", "local", "http://127.0.0.1:8080",
-                                        tracking_uri=registry["uri"], pid=None)
+                                        tracking_uri=registry["uri"], pid=server["pid"],
+                                        pid_started=server["pid_started"])
     rc, out, _ = models(capsys, registry, "list")
     assert rc == 0
     lines = out.splitlines()
@@ -81,10 +96,10 @@ def test_list_shows_versions_aliases_and_deployments(registry, capsys):
     assert [d["id"] for d in data[bot]["deployments"]] == [dep["id"]] and data[other]["deployments"] == []
 
 
-def test_show_lists_each_version(registry, capsys):
+def test_show_lists_each_version(registry, server, capsys):
     bot = registry["bot"]
     dep = deployments.record_deployment(f"models:/{bot}/2", bot, "2", "local", "http://127.0.0.1:9000",
-                                        tracking_uri=registry["uri"])
+                                        tracking_uri=registry["uri"], pid=server["pid"], pid_started=server["pid_started"])
     rc, out, _ = models(capsys, registry, "show", bot)
     assert rc == 0
     assert out.splitlines()[0] == f"{bot}: 2 version(s); aliases @challenger=2 @champion=1"
@@ -98,10 +113,10 @@ def test_show_lists_each_version(registry, capsys):
     assert rc == 1 and "no registered model 'nope'" in err and bot in err
 
 
-def test_delete_is_refused_while_deployed_and_allowed_after(registry, capsys):
+def test_delete_is_refused_while_deployed_and_allowed_after(registry, server, capsys):
     client, uri, bot = registry["client"], registry["uri"], registry["bot"]
     dep = deployments.record_deployment(f"models:/{bot}@champion", bot, "1", "local", "http://127.0.0.1:8080",
-                                        tracking_uri=uri, pid=None)
+                                        tracking_uri=uri, pid=server["pid"], pid_started=server["pid_started"])
     rc, _, err = models(capsys, registry, "delete", f"{bot}/1")
     assert rc == 1
     assert (f"model {bot} version 1 is deployed (deployment {dep['id']} at http://127.0.0.1:8080); "
@@ -121,6 +136,18 @@ def test_delete_is_refused_while_deployed_and_allowed_after(registry, capsys):
     assert rc == 0 and f"deleted model {bot} (0 versions)" in out
     names = {m.name for m in client.search_registered_models()}
     assert bot not in names and registry["other"] in names
+
+
+def test_delete_is_allowed_once_the_local_server_died(registry, server, capsys):
+    uri, bot = registry["uri"], registry["bot"]
+    deployments.record_deployment(f"models:/{bot}/1", bot, "1", "local", "http://127.0.0.1:8080", tracking_uri=uri,
+                                  pid=server["pid"], pid_started=server["pid_started"])
+    rc, _, err = models(capsys, registry, "delete", f"{bot}/1")
+    assert rc == 1 and "is deployed" in err  # while it serves
+    server["proc"].kill()  # the server dies without `phitune undeploy`
+    server["proc"].wait(10)
+    rc, out, err = models(capsys, registry, "delete", f"{bot}/1")
+    assert rc == 0 and f"deleted model {bot} version 1" in out, err
 
 
 def test_delete_errors(registry, capsys):

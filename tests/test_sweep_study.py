@@ -86,6 +86,38 @@ def test_stale_trial_is_failed_and_retried_a_bounded_number_of_times(tmp_path):
     assert st.count_trials(trials).failed == 1
 
 
+def test_a_stale_trial_says_why_it_failed(tmp_path):
+    url, storage, study = _study(tmp_path, heartbeat_interval=1, grace_period=1,
+                                 stale_callback=st.retry_callback(max_retries=1))
+    for _ in range(2):  # the trial, then its retry: both die without a heartbeat
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.number))
+        time.sleep(2.5)
+        assert st.fail_stale_trials(study, max_retries=1) == [trial.number]
+    first, second = study.get_trials()
+    assert (first.state, second.state) == (TrialState.FAIL, TrialState.FAIL)
+    assert first.user_attrs[st.ERROR_ATTR] == "no heartbeat for 1 s (its worker died); re-queued as a new trial"
+    assert second.user_attrs[st.ERROR_ATTR] == "no heartbeat for 1 s (its worker died); not retried (max_retries=1)"
+    assert st.fail_stale_trials(study, max_retries=1) == []  # nothing stale is left
+
+
+def test_an_orphaned_trial_run_gets_its_trial_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from phitune.sweep.parent import STATE_TAG, TRIAL_TAG, ParentRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps")
+    parent = client.create_run(exp).info.run_id
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, TRIAL_TAG: "0"}).info.run_id  # left RUNNING
+    pr = ParentRun(OmegaConf.create({"uri": uri}), parent, exp, resumed=True)
+    assert pr.close_orphans({0}, errors={0: "no heartbeat for 60 s (its worker died); re-queued as a new trial"}) == 1
+    run = client.get_run(child)
+    assert run.info.status == "KILLED" and run.data.tags[STATE_TAG] == "killed"
+    assert run.data.tags["phitune.error"] == "no heartbeat for 60 s (its worker died); re-queued as a new trial"
+
+
 def test_counts_leave_out_discarded_trials_and_slots_follow_numbers(tmp_path):
     _, _, study = _study(tmp_path)
     for i in range(3):

@@ -3,8 +3,11 @@
 One JSON file per deployment in `<mlruns>/deployments/<id>.json` (the folder of the
 sqlite tracking db; `PHITUNE_DEPLOYMENTS_DIR` overrides). A deployment counts as
 deployed from `phitune serve` / `phitune deploy` until `phitune undeploy`, as on
-Azure AI Foundry, where a model can't be deleted while a deployment uses it; a local
-server that exited is shown as `stopped` but still counts until it is undeployed.
+Azure AI Foundry, where a model can't be deleted while a deployment uses it. A local
+server counts only while its process runs: one that died (killed, crashed, machine
+restarted) is shown as `stopped` and no longer keeps its model version; a pid that
+now belongs to another process (same pid, other start time) is not the server. A
+server recorded on another host cannot be checked from here and still counts.
 
 Record keys: id, model_name, model_version, model_uri, target ("local"|"azureml"),
 url, pid (local), endpoint_name / deployment_name (azureml), created_at (ISO 8601
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +65,24 @@ def _alive(pid) -> bool:
     return True
 
 
+def _serving(record: dict) -> bool:
+    """Whether a local record's server process still runs (as far as this machine can tell)."""
+    host = record.get("host")
+    if host and host != socket.gethostname():
+        return True  # another machine's pid: not ours to check
+    pid = record.get("pid")
+    if not _alive(pid):
+        return False
+    started = record.get("pid_started")
+    if started:
+        from phitune.serving.server import process_start_time
+
+        now = process_start_time(int(pid))
+        if now is not None and now != started:
+            return False  # the server exited and its pid was reused by a later process
+    return True
+
+
 def list_deployments(tracking_uri: str | None = None, include_deleted: bool = False) -> list[dict]:
     folder = deployments_dir(tracking_uri)
     out = []
@@ -72,7 +94,7 @@ def list_deployments(tracking_uri: str | None = None, include_deleted: bool = Fa
         if record.get("state") == "deleted" and not include_deleted:
             continue
         if record.get("target") == "local" and record.get("state") == "active":
-            record["running"] = _alive(record.get("pid"))
+            record["running"] = _serving(record)
             record["status"] = "serving" if record["running"] else "stopped"
         else:
             record["status"] = record.get("state")
@@ -96,6 +118,8 @@ def mark_deleted(dep_id: str, tracking_uri: str | None = None) -> dict:
 
 
 def active_for(model_name: str, version: str | None = None, tracking_uri: str | None = None) -> list[dict]:
-    """Deployments that keep `model_name` (or one version of it) from being deleted."""
+    """Deployments that keep `model_name` (or one version of it) from being deleted: Azure
+    ones until undeployed, local ones while their server runs."""
     return [r for r in list_deployments(tracking_uri)
-            if r.get("model_name") == model_name and (version is None or str(r.get("model_version")) == str(version))]
+            if r.get("model_name") == model_name and (version is None or str(r.get("model_version")) == str(version))
+            and r.get("running", True)]

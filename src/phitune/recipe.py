@@ -60,11 +60,15 @@ def _encode(examples, tokenizer, max_len: int, what: str):
 
 
 def _prepare_output_dir(cfg, out: Path, resume: bool):
-    from phitune.train.checkpoint import latest_checkpoint
+    from phitune.train.checkpoint import latest_checkpoint, recorded_run_id, remove_partial
 
+    if resume:
+        remove_partial(out)  # what a run killed while saving left; its previous checkpoint is complete
     latest = latest_checkpoint(out) if resume else None
     if resume and latest is None:
-        print(f"resume=true: no complete checkpoint in {out}; starting from the beginning", file=sys.stderr)
+        run_id = recorded_run_id(out)
+        print(f"resume=true: no complete checkpoint in {out}; starting from the beginning"
+              + (f" in the same MLflow run {run_id}" if run_id else ""), file=sys.stderr)
     if not resume and out.exists() and any(out.iterdir()):
         # A fresh run with the same settings: keep the previous attempt one level aside.
         prev = out.with_name(out.name + ".prev")
@@ -100,7 +104,7 @@ def run(cfg, overrides: list[str] | None = None):
     from phitune.data.encode import count_tokens
     from phitune.modeling.loader import apply_training_method, base_reference, load_model, load_tokenizer
     from phitune.optim import build_optimizer, build_scheduler
-    from phitune.train.checkpoint import load_checkpoint
+    from phitune.train.checkpoint import load_checkpoint, recorded_run_id
     from phitune.train.schedule import learning_rate, plan_batch, resolve_epochs
 
     dist = distributed.setup(cfg.backend.get("device", "auto"))
@@ -136,12 +140,14 @@ def run(cfg, overrides: list[str] | None = None):
             total = min(total, int(cfg.train.max_steps))
         scheduler = build_scheduler(cfg.optimizer, optimizer, total)
 
-        state, run_id = TrainState(), None
+        # The run this folder belongs to (run.json, written as it started): resume continues it,
+        # even when it was killed before its first checkpoint.
+        state, run_id = TrainState(), (recorded_run_id(out) if cfg.resume and dist.is_main else None)
         if latest:
-            st = load_checkpoint(latest, model, optimizer, scheduler)
+            st = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank, device=dist.device)
             state = TrainState(epoch=st["epoch"], step=st["step"], train_tokens=st["train_tokens"],
                                history=st["history"], epoch_metrics=st["epoch_metrics"])
-            run_id = st.get("run_id")
+            run_id = run_id or st.get("run_id")
             if dist.is_main:
                 print(f"resuming from {latest} (epoch {state.epoch}, step {state.step})", file=sys.stderr)
 
@@ -184,7 +190,7 @@ def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_e
                  derived, base_ref):
     from phitune.tracking import artifacts
     from phitune.tracking.run import TrackedRun, flatten
-    from phitune.train.checkpoint import _unwrap
+    from phitune.train.checkpoint import _unwrap, record_run
 
     reporter = _trial_reporter(cfg)
     tags = {"phitune.config_hash": config_hash(cfg), "phitune.model": cfg.model.name,
@@ -200,6 +206,7 @@ def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_e
     name = cfg.tracking.get("run_name") or (f"trial-{cfg.trial.number}" if reporter is not None
                                             else f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     with TrackedRun(cfg.tracking, run_name=name, resume_run_id=run_id, tags=tags) as tracker:
+        record_run(spec.output_dir, tracker.run_id)  # before any step: a SIGKILL from here on is resumable
         tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **derived})
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         _log_datasets(cfg, splits)

@@ -1,7 +1,7 @@
 """`phitune deployments list`: what is served where, and since when.
 
-A local server that exited shows as `stopped` and still counts as deployed (the
-registry refuses to delete its model version) until `phitune undeploy ID`.
+A local server that exited shows as `stopped`; only a running one (and an Azure ML
+deployment, until `phitune undeploy ID`) keeps the registry from deleting its model version.
 """
 from __future__ import annotations
 

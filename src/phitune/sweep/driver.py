@@ -252,10 +252,11 @@ class Sweep:
         re-enqueues them) and end their MLflow runs, which a SIGKILL left RUNNING."""
         import optuna
 
-        optuna.storages.fail_stale_trials(self.study)
-        finished = {t.number for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-        if finished:
-            self.parent.close_orphans(finished)
+        st.fail_stale_trials(self.study, int(self.s.max_retries))  # each with its reason in user attr `error`
+        failed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if failed:
+            self.parent.close_orphans({t.number for t in failed},
+                                      errors={t.number: t.user_attrs.get(st.ERROR_ATTR) for t in failed})
 
     def _frozen(self, number: int):
         return self.study.get_trials(deepcopy=False)[number]  # trials are listed by number

@@ -3,7 +3,8 @@
 The sweeper (not the job) owns a trial from ask to tell, so it records the heartbeat:
 that covers jobs in this process (basic launcher) and in joblib's workers alike.
 A trial whose sweeper died stops beating and, grace_period seconds later, any
-worker's `fail_stale_trials` marks it FAILED and enqueues a retry.
+worker's `phitune.sweep.study.fail_stale_trials` marks it FAILED, says why in its
+`error` user attr ("no heartbeat for N s ...") and enqueues a retry.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from phitune.sweep.study import PARENT_RUN_ATTR
 
 TRIAL_TAG = "phitune.trial_number"
 STATE_TAG = "phitune.trial_state"
+ERROR_TAG = "phitune.error"  # as a job's own failed run has it (phitune.tracking.run)
 STUDY_TAG = "phitune.study"
 # How long (seconds) a worker that did not create the study waits for the creator to
 # open the parent run, so that two workers started together share one parent.
@@ -115,9 +116,10 @@ class ParentRun:
             status = {"failed": "FAILED", "killed": "KILLED"}.get(state, "FINISHED")
             self.client.set_terminated(run.info.run_id, status=status)
 
-    def close_orphans(self, finished_numbers: set[int]) -> int:
+    def close_orphans(self, finished_numbers: set[int], errors: dict[int, str] | None = None) -> int:
         """End child runs left RUNNING by a killed worker (SIGKILL ends no run) whose trial
-        the study has since finished: KILLED, tagged `killed`. Returns how many."""
+        the study has since finished: KILLED, tagged `killed` and with the trial's error
+        (e.g. no heartbeat) as `phitune.error`. Returns how many."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'")
@@ -127,6 +129,8 @@ class ParentRun:
             if number is not None and number.isdigit() and int(number) in finished_numbers:
                 if STATE_TAG not in run.data.tags:
                     self.client.set_tag(run.info.run_id, STATE_TAG, "killed")
+                if (errors or {}).get(int(number)) and ERROR_TAG not in run.data.tags:
+                    self.client.set_tag(run.info.run_id, ERROR_TAG, redact.redact_text(errors[int(number)])[:5000])
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 closed += 1
         return closed

@@ -5,9 +5,10 @@ The study is the single source of truth shared by every worker and every job:
   maybe another machine) rebuilds the same pruner for `Trial.should_prune()`;
 - user attr `phitune.parent_run_id` holds the MLflow parent run, so a resumed sweep
   logs its children under the same parent;
-- a trial killed mid-run is FAILED and re-enqueued (WAITING, same params) with the
-  system attrs `failed_trial` / `retry_history` that Optuna's
-  RetryHeartbeatStaleTrialCallback uses, so Optuna's helpers read them too;
+- a trial killed mid-run is FAILED, with the reason in its user attr `error`, and
+  re-enqueued (WAITING, same params) with the system attrs `failed_trial` /
+  `retry_history` that Optuna's RetryHeartbeatStaleTrialCallback uses, so Optuna's
+  helpers read them too;
 - a trial asked after the study was already full (two workers racing for the last
   slot) is FAILED with user attr `phitune.discarded` and never run.
 """
@@ -246,6 +247,14 @@ def describe_pruner(spec: dict) -> str:
 
 # -- trials: retries, counts -----------------------------------------------------------------
 
+def _retry_history(trial) -> list[int]:
+    return list(trial.system_attrs.get("retry_history", [])) + [trial.number]
+
+
+def will_retry(trial, max_retries: int) -> bool:
+    return len(_retry_history(trial)) <= max_retries
+
+
 def retry_callback(max_retries: int) -> Callable:
     """Called with each trial that was FAILED as stale or interrupted: enqueue the same
     params again (WAITING) unless it was already retried max_retries times."""
@@ -253,8 +262,8 @@ def retry_callback(max_retries: int) -> Callable:
     def retry(study: "optuna.Study", trial) -> None:
         import optuna
 
-        history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-        if len(history) > max_retries:
+        history = _retry_history(trial)
+        if not will_retry(trial, max_retries):
             return
         # Copied as a whole: the grid sampler finds its `grid_id` again.
         system_attrs = dict(trial.system_attrs, failed_trial=history[0], retry_history=history)
@@ -264,6 +273,40 @@ def retry_callback(max_retries: int) -> Callable:
             user_attrs=user_attrs, system_attrs=system_attrs))
 
     return retry
+
+
+def fail_stale_trials(study, max_retries: int) -> list[int]:
+    """Optuna's fail_stale_trials, with the reason in each failed trial's `error` user attr
+    (the trials table, `optimization_results.yaml` and Optuna's dashboard show it); returns
+    the numbers of the trials this call failed. Then the storage's callback re-enqueues them."""
+    import optuna
+
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # Optuna wraps an RDBStorage in a cache
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        return []
+    grace_s = getattr(rdb, "grace_period", None) or 2 * interval  # Optuna's default grace
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        trial = storage.get_trial(trial_id)
+        then = "re-queued as a new trial" if will_retry(trial, max_retries) else f"not retried (max_retries={max_retries})"
+        try:
+            # Set while the trial is still RUNNING (a finished trial's attrs are frozen). Should its
+            # worker finish it in the instant between these two calls, it keeps a stale note.
+            storage.set_trial_user_attr(trial_id, ERROR_ATTR, f"no heartbeat for {grace_s} s (its worker died); {then}")
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    numbers = []
+    for trial_id in failed:
+        trial = storage.get_trial(trial_id)
+        numbers.append(trial.number)
+        if callback is not None:
+            callback(study, trial)
+    return numbers
 
 
 @dataclass

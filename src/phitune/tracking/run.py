@@ -2,12 +2,14 @@
 
 The run is ended in __exit__ whatever happens: success -> FINISHED; Ctrl-C or SIGTERM
 -> KILLED; any other exception -> FAILED with the error as a tag. Nothing is left
-RUNNING except by SIGKILL, which no process can catch.
+RUNNING except by SIGKILL, which no process can catch; resume=true then continues
+that run (its id is in the output folder's run.json) and ends it.
 """
 from __future__ import annotations
 
 import json
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,7 @@ class TrackedRun(Callback):
         self.status: str | None = None
         self._prev_handler = None
         self._secrets = redact.secret_values()
+        self._logged: dict[str, int] = {}  # metric -> last step the run already has (a resumed run)
 
     # -- lifecycle ---------------------------------------------------------------------
     def __enter__(self) -> "TrackedRun":
@@ -84,9 +87,10 @@ class TrackedRun(Callback):
             tags = redact.redact_mapping({k: str(v) for k, v in self.tags.items()}, self._secrets)
             if self.cfg.get("parent_run_id"):
                 tags["mlflow.parentRunId"] = self.cfg.parent_run_id
-            if self.resume_run_id:
+            if self.resume_run_id and _resumable(self.resume_run_id):
                 run = mlflow.start_run(run_id=self.resume_run_id)
                 mlflow.set_tags(tags)
+                self._logged = _last_steps(run.info.run_id)
             else:
                 run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name or self.cfg.get("run_name"), tags=tags)
         self.run_id = run.info.run_id
@@ -133,16 +137,23 @@ class TrackedRun(Callback):
 
     def on_step(self, step: int, metrics: dict) -> None:
         keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "train_tokens")
-        mlflow.log_metrics({k: float(metrics[k]) for k in keys if k in metrics}, step=step)
+        self._log_metrics({k: metrics[k] for k in keys if k in metrics}, step)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict, checkpoint_dir) -> None:
         if metrics:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-            mlflow.log_metric("epoch", epoch, step=step)
+            self._log_metrics(dict(metrics, epoch=epoch), step)
         if checkpoint_dir is not None:
             # Each kept epoch is a deployable candidate, as Azure's and OpenAI's checkpoints are.
             mlflow.log_artifacts(str(Path(checkpoint_dir) / "adapter"), f"checkpoints/epoch-{epoch:03d}")
             mlflow.log_text(json.dumps(dict(metrics, epoch=epoch, step=step)), f"checkpoints/epoch-{epoch:03d}/metrics.json")
+
+    def _log_metrics(self, metrics: dict, step: int) -> None:
+        # A resumed run replays the steps after its checkpoint (or all of them, killed before
+        # one) with the same seed, data order and RNG state, so a point the killed process
+        # already logged holds the same value: skip it rather than log the step twice.
+        fresh = {k: float(v) for k, v in metrics.items() if step > self._logged.get(k, -1)}
+        if fresh:
+            mlflow.log_metrics(fresh, step=step)
 
     def log_files(self, writer, name: str, artifact_dir: str | None = None) -> None:
         """writer(path) writes a file named `name` in a temp dir; it is logged as an artifact."""
@@ -150,6 +161,26 @@ class TrackedRun(Callback):
             path = Path(tmp) / name
             writer(path)
             mlflow.log_artifact(str(path), artifact_dir)
+
+
+def _resumable(run_id: str) -> bool:
+    """The recorded run is in this store and not deleted; otherwise say so (a new run starts)."""
+    try:
+        info = MlflowClient().get_run(run_id).info
+    except mlflow.exceptions.MlflowException:
+        store = redact.redact_text(mlflow.get_tracking_uri())
+        print(f"resume: MLflow run {run_id} is not in {store}; starting a new run", file=sys.stderr)
+        return False
+    if info.lifecycle_stage == "deleted":
+        print(f"resume: MLflow run {run_id} was deleted; starting a new run", file=sys.stderr)
+        return False
+    return True
+
+
+def _last_steps(run_id: str) -> dict[str, int]:
+    client = MlflowClient()
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in client.get_run(run_id).data.metrics}
 
 
 def _is_pruned(exc) -> bool:

@@ -27,6 +27,7 @@ class Callback:
 
     def on_step(self, step: int, metrics: dict) -> None: ...
     def on_evaluate(self, step: int, metrics: dict) -> None: ...
+    # checkpoint_dir: the epoch's checkpoint, written but not yet published (None when not saved)
     def on_epoch_end(self, epoch: int, step: int, metrics: dict, checkpoint_dir) -> None: ...
 
 
@@ -175,16 +176,20 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
             state.epoch = epoch + 1 if epoch_done else epoch
             state.epoch_metrics.append(dict(metrics, epoch=epoch + 1, step=state.step))
             path = None
-            if spec.output_dir and epoch_done and dist.is_main:
-                path = ckpt.save_checkpoint(spec.output_dir, epoch + 1, model, optimizer, scheduler,
-                                            {"step": state.step, "train_tokens": state.train_tokens,
-                                             "history": state.history, "epoch_metrics": state.epoch_metrics,
-                                             "run_id": run_id, "time": time.time()},
-                                            keep=spec.keep_checkpoints)
+            if spec.output_dir and epoch_done:
+                rng = dist.gather_object(ckpt.rng_state(dist.device))  # each rank draws its own dropout masks
+                if dist.is_main:
+                    path = ckpt.write_checkpoint(spec.output_dir, epoch + 1, model, optimizer, scheduler,
+                                                 {"step": state.step, "train_tokens": state.train_tokens,
+                                                  "history": state.history, "epoch_metrics": state.epoch_metrics,
+                                                  "run_id": run_id, "time": time.time()}, rng)
             dist.barrier()
             if dist.is_main:
+                # Logged before it is published: a checkpoint that resume can start after is in MLflow.
                 for cb in callbacks:
                     cb.on_epoch_end(epoch + 1, state.step, metrics, path)
+                if path is not None:
+                    ckpt.publish_checkpoint(path, keep=spec.keep_checkpoints)
             if not epoch_done:
                 break  # max_steps reached mid-epoch
     finally:
