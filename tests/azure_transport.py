@@ -294,13 +294,13 @@ def model_version(name: str, version: str = "1") -> dict:
             "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
 
 
-REGISTRY_MODEL = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+REGISTRY_MODEL = "azureml://registries/azureml/models/Phi-4-mini-instruct/versions/14"
 
 
 def add_registry_routes(t: RecordingTransport, version: str = "14") -> RecordingTransport:
-    """The azureml system registry: discovery, then its Phi-3 model whose label `latest` is `version`."""
+    """The azureml system registry: discovery, then its Phi-4-mini-instruct whose label `latest` is `version`."""
     sub, rg = "11111111-2222-3333-4444-555555555555", "registry-builtin-prod-eastus-01"
-    uri = f"azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/{version}"
+    uri = f"azureml://registries/azureml/models/Phi-4-mini-instruct/versions/{version}"
     mv = {"id": uri, "name": version,
           "properties": {"modelType": "mlflow_model", "modelUri": uri, "properties": {}, "tags": {}, "flavors": {}},
           "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}

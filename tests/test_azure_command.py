@@ -245,3 +245,44 @@ def test_local_model_folder_becomes_an_input(tmp_path):
     assert job.inputs["model_path"].type == "uri_folder"
     args = shlex.split(job.command)
     assert "model.path=${{inputs.model_path}}" in args and f"model.path={model}" not in args
+
+
+# -- backend.tier: low-priority VMs and resume from the last checkpoint ---------------------------------------
+
+def test_low_priority_job_checkpoints_to_an_output_and_resumes(tmp_path, capsys):
+    overrides = ["backend=azureml", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure",
+                 "backend.tier=low_priority", "train.epochs=2", "train.output_dir=/local/ckpt"]
+    submit(compose_cfg(overrides), overrides)
+    job = load_job(tmp_path / "azure" / "job.yaml")
+    assert job.queue_settings.job_tier == "spot"  # serverless: Azure's low-priority VMs, chosen per job
+    out = job.outputs["checkpoints"]
+    assert (out.type, out.mode) == ("uri_folder", "rw_mount")  # written to the datastore as it is saved
+    args = shlex.split(job.command)
+    assert args[-2:] == ["train.output_dir=${{outputs.checkpoints}}", "resume=true"]
+    assert "train.output_dir=/local/ckpt" not in args and "train.epochs=2" in args
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_low_priority_on_a_cluster_pins_the_folder_and_says_the_cluster_decides(tmp_path, capsys):
+    path = "azureml://datastores/workspaceblobstore/paths/phitune/ckpt/run-1"
+    overrides = ["backend=azureml", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure",
+                 "backend.tier=low_priority", "backend.compute=gpu-cluster", f"backend.checkpoint_path={path}"]
+    submit(compose_cfg(overrides), overrides)
+    job = load_job(tmp_path / "azure" / "job.yaml")
+    assert job.queue_settings is None  # a cluster's VMs are low priority by the cluster's own tier
+    assert job.outputs["checkpoints"].path == path  # a resubmitted job finds the same checkpoints
+    assert "resume=true" in shlex.split(job.command)
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert "backend.compute=gpu-cluster" in note and "--tier low_priority" in note
+
+
+def test_dedicated_job_has_no_queue_settings_or_resume(tmp_path):
+    cfg = compose_cfg(["backend=azureml"])
+    job = build_command_job(cfg, [], backend_settings(cfg.backend), code_dir=str(small_project(tmp_path)))
+    assert job.queue_settings is None and not job.outputs and "resume=true" not in job.command
+
+
+def test_tier_typo_is_refused_with_the_choices():
+    cfg = compose_cfg(["backend=azureml", "backend.tier=spot"])
+    with pytest.raises(PhituneError, match="tier.*spot.*dedicated.*low_priority"):
+        backend_settings(cfg.backend)

@@ -152,7 +152,7 @@ def test_undeploy_of_a_missing_endpoint_is_not_an_error(registry):
 
 @pytest.mark.parametrize("uri, match", [
     ("models:/nope/1", "nope"),
-    ("runs-are-not-deployable", "expected models:/NAME@ALIAS"),
+    ("runs-are-not-deployable", "expected azureml:NAME:VERSION, models:/NAME@ALIAS"),
 ])
 def test_bad_model_uri(registry, uri, match):
     with pytest.raises(PhituneError, match=match):

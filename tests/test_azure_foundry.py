@@ -71,7 +71,7 @@ def test_dry_run_yaml_with_automatic_split(tmp_path, capsys):
     job = load_job(tmp_path / "azure" / "finetuning_job.yaml")
     assert type(job).__name__ == "CustomModelFineTuningJob"
     assert job.task == "chatCompletion"
-    assert job.model.path == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest"
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
     assert job.model.type == "mlflow_model"
     assert job.hyperparameters == {"learning_rate_multiplier": "1.0", "batch_size": "8", "n_epochs": "2"}
     assert job.outputs["registered_model"]["name"] == "phi3-support"
@@ -132,7 +132,7 @@ def test_full_flow_upload_submit_poll_link(tmp_path, capsys, monkeypatch):
     assert details["trainingData"] == {"jobInputType": "uri_file", "uri": asset["support-train"]}
     assert details["validationData"] == {"jobInputType": "uri_file", "uri": asset["support-valid"]}
     assert details["hyperParameters"] == {"learning_rate_multiplier": "1.0", "batch_size": "8", "n_epochs": "2"}
-    assert props["outputs"]["registered_model"]["assetName"] == "Phi-3-mini-4k-instruct-phitune-ft"
+    assert props["outputs"]["registered_model"]["assetName"] == "Phi-4-mini-instruct-phitune-ft"
     # 4. polled to Completed, then linked into the local MLflow registry
     err = capsys.readouterr()
     assert "Completed" in err.err
@@ -140,10 +140,10 @@ def test_full_flow_upload_submit_poll_link(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
-    (mv,) = client.search_model_versions("name='Phi-3-mini-4k-instruct-phitune-ft'")
+    (mv,) = client.search_model_versions("name='Phi-4-mini-instruct-phitune-ft'")
     assert mv.source == (f"azureml://subscriptions/{SUB}/resourceGroups/{RG}/workspaces/{WS}"
-                         "/models/Phi-3-mini-4k-instruct-phitune-ft/versions/1")
-    assert mv.tags["azure_model_id"] == f"{ARM}/models/Phi-3-mini-4k-instruct-phitune-ft/versions/1"
+                         "/models/Phi-4-mini-instruct-phitune-ft/versions/1")
+    assert mv.tags["azure_model_id"] == f"{ARM}/models/Phi-4-mini-instruct-phitune-ft/versions/1"
     assert mv.tags["azure_job_name"] == put.path.rsplit("/", 1)[-1]
     assert "linked Azure model" in err.out
 
@@ -179,3 +179,94 @@ def test_over_budget_is_refused_before_anything_is_sent(tmp_path, capsys):
         submit(compose_cfg(overrides), overrides, credential=FakeCredential(), transport=t)
     assert t.requests == []
     assert "billed training tokens" in capsys.readouterr().out
+
+
+# -- the fine-tuning lifecycle table (backend.models), checked before anything else ---------------------------
+
+def _no_tokenizing(monkeypatch):
+    import phitune.azure.cost as cost
+
+    def refuse(cfg):
+        raise AssertionError("the data was tokenized before the base model was checked")
+
+    monkeypatch.setattr(cost, "_token_counter", refuse)
+
+
+RETIRED = ("backend.model=Phi-3-mini-4k-instruct: Azure retired fine-tuning of this model on 2025-08-30; use "
+           "backend=azureml model=phi3-mini-4k to fine-tune it with phitune's own training on Azure ML compute, or "
+           "backend.model=Phi-4-mini-instruct (table checked 2026-12-01)")
+
+
+@pytest.mark.parametrize("model", ["azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest",
+                                   "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14",
+                                   "Phi-3-mini-4k-instruct"])
+def test_retired_model_is_refused_before_any_request_or_tokenizing(model, monkeypatch):
+    # Before: Phi-3-mini-4k-instruct was the default, and a real run uploaded the data and sent the job.
+    _no_tokenizing(monkeypatch)
+    overrides = ["backend=foundry", *WS_OVERRIDES, f"backend.model={model}"]
+    t = _foundry_transport(monkeypatch)
+    with pytest.raises(PhituneError) as err:
+        submit(compose_cfg(overrides), overrides, credential=FakeCredential(), transport=t)
+    assert str(err.value) == RETIRED
+    assert t.requests == []
+
+
+def test_retired_model_exits_1_with_one_error_line(tmp_path):
+    from sweep_app.harness import run
+
+    out = tmp_path / "azure"
+    res = run([str(REPO / ".venv/bin/python"), str(REPO / "train.py"), "backend=foundry",
+               "backend.model=Phi-3.5-mini-instruct", "backend.dry_run=true", f"backend.output_dir={out}",
+               f"hydra.run.dir={tmp_path}/run"], timeout=300, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    (line,) = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: backend.model=Phi-3.5-mini-instruct: Azure retired fine-tuning of this model on "
+                           "2025-08-30; use backend=azureml model=phi3.5-mini")
+    assert "billed training tokens" not in res.stdout  # refused before the data was tokenized
+    assert not out.exists()
+
+
+def test_deprecated_model_warns_with_the_dates(tmp_path, capsys):
+    overrides = ["backend=foundry", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure",
+                 "backend.model=Phi-4-mini-instruct", "++backend.models.Phi-4-mini-instruct.finetune_deprecation=2026-01-15",
+                 "++backend.models.Phi-4-mini-instruct.finetune_retirement=2099-01-15",
+                 "++backend.models.Phi-4-mini-instruct.replacement=Phi-5"]
+    submit(compose_cfg(overrides), overrides)
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning == ("warning: backend.model=Phi-4-mini-instruct: Azure deprecated fine-tuning of this model on "
+                       "2026-01-15; it retires on 2099-01-15; move to backend.model=Phi-5 (table checked 2026-12-01)")
+    # still submitted (here: written), with the bare name expanded to the registry's latest version
+    job = load_job(tmp_path / "azure" / "finetuning_job.yaml")
+    assert job.model.path == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
+
+
+def test_default_model_can_still_be_fine_tuned_today():
+    from datetime import date
+
+    from phitune.azure.finetune_job import check_lifecycle
+
+    s = backend_settings(compose_cfg(["backend=foundry"]).backend)
+    assert s.model == "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
+    check_lifecycle(s, today=date(2026, 12, 1))  # no error, no warning
+    for name, entry in s.models.items():  # every replacement is a row that is not itself retired
+        if entry.replacement:
+            assert not s.models[entry.replacement].finetune_retirement, name
+
+
+def test_model_missing_from_the_table_is_sent_with_a_note(capsys):
+    from phitune.azure.finetune_job import check_lifecycle
+
+    s = backend_settings(compose_cfg(["backend=foundry", "backend.model=azureml:my-base-model:3"]).backend)
+    check_lifecycle(s)
+    assert "note: backend.model=azureml:my-base-model:3 is not in backend.models" in capsys.readouterr().err
+
+
+def test_bad_date_in_the_table_names_the_setting():
+    from phitune.azure.finetune_job import check_lifecycle
+
+    s = backend_settings(compose_cfg(["backend=foundry",
+                                      "++backend.models.Phi-4-mini-instruct.finetune_retirement=soon"]).backend)
+    with pytest.raises(PhituneError, match=r"backend.models.Phi-4-mini-instruct.finetune_retirement=soon: expected "
+                                           r"a date YYYY-MM-DD"):
+        check_lifecycle(s)

@@ -95,26 +95,59 @@ def test_bad_expressions(expr, match):
 
 
 @pytest.mark.parametrize("sampler, cls, rule", [
-    ("tpe", BayesianSamplingAlgorithm, None),
+    ("tpe", BayesianSamplingAlgorithm, None),  # no pruner, no log scale: Azure's model-based sampler
     ("random", RandomSamplingAlgorithm, None),
     ({"_target_": "optuna.samplers.RandomSampler", "seed": 3}, RandomSamplingAlgorithm, None),
     ("grid", GridSamplingAlgorithm, None),
     ({"name": "qmc", "qmc_type": "sobol", "seed": 1}, RandomSamplingAlgorithm, "sobol"),
 ])
 def test_sampler_mapping(sampler, cls, rule):
-    algo, _ = sampling_algorithm(sampler)
-    assert isinstance(algo, cls)
+    sampling = sampling_algorithm(sampler)
+    assert isinstance(sampling.algorithm, cls)
     if rule:
-        assert algo.rule == rule
+        assert sampling.algorithm.rule == rule
+
+
+LOG_LR = translate_param("train.learning_rate_multiplier", "tag(log, interval(0.2, 5.0))")
+EPOCHS = translate_param("train.epochs", "range(1, 4)")
+
+
+@pytest.mark.parametrize("sampler, params, pruner, cls, note", [
+    # The default sweep: TPE, a log-uniform learning rate, median pruning. Before, refused.
+    ({"name": "tpe", "seed": 42}, [LOG_LR, EPOCHS], "median", RandomSamplingAlgorithm,
+     "Azure ML has no TPE sampler; sampling=random keeps the log-uniform train.learning_rate_multiplier and the "
+     "median stopping policy (Azure's bayesian sampling allows neither log-uniform nor early termination)"),
+    ("tpe", [EPOCHS], "median", RandomSamplingAlgorithm,
+     "sampling=random keeps the median stopping policy (Azure's bayesian sampling allows no early termination)"),
+    ("tpe", [LOG_LR], "none", RandomSamplingAlgorithm, "allows no log-uniform)"),
+    ("tpe", [EPOCHS], "none", BayesianSamplingAlgorithm, "sampling=bayesian, Azure's model-based sampler"),
+    ({"_target_": "optuna.samplers.CmaEsSampler"}, [LOG_LR], "none", RandomSamplingAlgorithm,
+     "Azure ML has no CMA-ES sampler; sampling=random"),
+    ("gp", [EPOCHS], "hyperband", RandomSamplingAlgorithm, "keeps the bandit policy"),
+    ({"name": "qmc", "qmc_type": "halton"}, [LOG_LR], "none", RandomSamplingAlgorithm,
+     "Azure ML has no halton sequence; sampling=random with rule=sobol"),
+    ("bruteforce", [EPOCHS], "none", GridSamplingAlgorithm, "Azure ML has no brute-force sampler; sampling=grid"),
+])
+def test_samplers_azure_lacks_are_translated_with_a_note(sampler, params, pruner, cls, note):
+    policy, _ = early_termination(pruner)
+    sampling = sampling_algorithm(sampler, params, policy)
+    assert type(sampling.algorithm) is cls
+    assert note in sampling.note
+    if cls is RandomSamplingAlgorithm and isinstance(sampler, dict) and "seed" in sampler:
+        assert sampling.algorithm.seed == sampler["seed"]  # trial N samples the same values as locally
+
+
+def test_samplers_with_an_equivalent_need_no_note():
+    assert sampling_algorithm("random", [LOG_LR], MedianStoppingPolicy()).note is None
+    assert sampling_algorithm("grid", [EPOCHS]).note is None
 
 
 @pytest.mark.parametrize("sampler, match", [
-    ("cmaes", "no cmaes sampling"),
-    ({"_target_": "optuna.samplers.CmaEsSampler"}, "no cmaes sampling"),
-    ({"name": "qmc", "qmc_type": "halton"}, "Sobol only"),
-    ("nsgaii", "no nsgaii sampling"),
+    ("nsgaii", "nsgaii: a multi-objective sampler"),
+    ({"_target_": "optuna.samplers.NSGAIIISampler"}, "nsgaiii: a multi-objective sampler"),
+    ("bogus", "no bogus sampling"),
 ])
-def test_samplers_azure_lacks_are_refused(sampler, match):
+def test_samplers_that_cannot_be_translated_are_refused(sampler, match):
     with pytest.raises(PhituneError, match=match):
         sampling_algorithm(sampler)
 
@@ -155,19 +188,11 @@ def test_direction():
 # -- refused before anything is sent ----------------------------------------------------------------
 
 @pytest.mark.parametrize("params, sweeper, match", [
-    ({"train.learning_rate_multiplier": "tag(log, interval(0.1, 10))"}, {"sampler": "tpe"},
-     r"bayesian sampling \(sampler tpe\) accepts only choice, uniform and quniform.*loguniform"),
-    ({"train.learning_rate_multiplier": "interval(0.1, 10)"}, {"sampler": "tpe", "pruner": "median"},
-     "does not support early termination.*pruner.name=none"),
-    # The default sweep (sweeps/default.yaml): both reasons at once, and the one fix for both.
-    ({"train.learning_rate_multiplier": "tag(log, interval(0.2, 5.0))", "train.epochs": "range(1, 4)"},
-     {"sampler": {"name": "tpe", "seed": 42}, "pruner": {"name": "median", "n_warmup_steps": 10}},
-     "loguniform.*does not support early termination.*sampler.name=random"),
     ({"train.epochs": "choice(1, 2)"}, {"sampler": "random", "metric": "bleu"}, "metric=bleu"),
     ({"train.learning_rate_multiplier": "interval(0.1, 10)"}, {"sampler": "grid"},
      "grid sampling accepts only choice"),
     ({"train.epochs": "int(interval(1, 3))"}, {"sampler": "grid"}, "grid sampling accepts only choice"),
-    ({"train.epochs": "choice(1, 2)"}, {"sampler": "cmaes"}, "no cmaes sampling"),
+    ({"train.epochs": "choice(1, 2)"}, {"sampler": "nsgaii"}, "multi-objective sampler"),
     ({"train.epochs": "choice(1, 2)"}, {"sampler": "random", "direction": ["minimize", "maximize"]},
      "multi-objective"),
 ])
@@ -250,3 +275,75 @@ def test_search_space_name_collision_is_refused(tmp_path):
     with pytest.raises(PhituneError, match="same Azure search-space name"):
         build_sweep_job(cfg, {"train.a_b": "choice(1,2)", "train.a.b": "choice(1,2)"}, {"sampler": "random"},
                         backend_settings(cfg.backend), overrides=[])
+
+
+# -- the shipped default sweep, unchanged ------------------------------------------------------------------
+
+def _default_sweep():
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.load(REPO / "sweeps" / "default.yaml")
+    return {str(k): str(v) for k, v in sweep.params.items()}, sweep
+
+
+def test_default_sweep_is_translated_with_one_note_and_a_tag(tmp_path, capsys):
+    params, sweeper = _default_sweep()
+    overrides = ["backend=azureml", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure"]
+    submit_sweep(compose_cfg(overrides), params, sweeper, overrides=overrides)
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    want = ("Azure ML has no TPE sampler; sampling=random keeps the log-uniform train.learning_rate_multiplier and "
+            "the median stopping policy (Azure's bayesian sampling allows neither log-uniform nor early termination)")
+    assert notes == [f"note: {want}"]
+
+    job = load_job(tmp_path / "azure" / "sweep_job.yaml")
+    assert job.tags["phitune.translation"] == want
+    assert job.sampling_algorithm.type == "random" and job.sampling_algorithm.seed == 42
+    assert isinstance(job.early_termination, MedianStoppingPolicy)
+    lr = job.search_space["train_learning_rate_multiplier"]
+    assert lr.type == "loguniform" and (lr.min_value, lr.max_value) == pytest.approx((math.log(0.2), math.log(5.0)))
+
+
+@pytest.mark.timeout(400)  # a subprocess that imports torch and tokenizes the sample data: 20-100 s on 2 shared cores
+def test_train_py_multirun_dry_run_writes_the_default_sweep(tmp_path):
+    """`python train.py -m backend=azureml backend.dry_run=true` with sweeps/default.yaml as shipped."""
+    from sweep_app.harness import run
+
+    out = tmp_path / "azure"
+    cmd = [str(REPO / ".venv/bin/python"), str(REPO / "train.py"), "-m", "backend=azureml", "backend.dry_run=true",
+           f"backend.output_dir={out}", f"hydra.sweep.dir={tmp_path}/multirun",
+           f"data.train_file={REPO}/data/support_train.jsonl", f"data.validation_file={REPO}/data/support_valid.jsonl"]
+    res = run(cmd, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert [line for line in res.stderr.splitlines() if line.startswith("note:")] == [
+        "note: Azure ML has no TPE sampler; sampling=random keeps the log-uniform train.learning_rate_multiplier and "
+        "the median stopping policy (Azure's bayesian sampling allows neither log-uniform nor early termination)"]
+    job = load_job(out / "sweep_job.yaml")
+    assert job.type == "sweep" and job.sampling_algorithm.type == "random"
+    assert job.tags["phitune.translation"].startswith("Azure ML has no TPE sampler")
+    assert isinstance(job.early_termination, MedianStoppingPolicy) and job.limits.max_total_trials == 20
+    assert set(job.search_space) == {"train_learning_rate_multiplier", "train_batch_size_multiplier", "train_epochs"}
+
+
+# -- backend.tier=low_priority: preemptible trials that resume -----------------------------------------------
+
+def test_low_priority_sweep_trials_checkpoint_to_an_output_and_resume(tmp_path):
+    overrides = ["backend=azureml", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure",
+                 "backend.tier=low_priority"]
+    submit_sweep(compose_cfg(overrides), PARAMS, {**SWEEPER, "sampler": "random"},
+                 overrides=overrides + ["train.output_dir=/local/ckpt", "resume=false"])
+    job = load_job(tmp_path / "azure" / "sweep_job.yaml")
+    assert job.queue_settings.job_tier == "spot"  # serverless: Azure's low-priority VMs
+    out = job.outputs["checkpoints"]
+    assert (out["type"], out["mode"]) == ("uri_folder", "rw_mount")
+    args = shlex.split(job.trial.command)
+    assert args[-2:] == ["train.output_dir=${{outputs.checkpoints}}", "resume=true"]
+    assert "train.output_dir=/local/ckpt" not in args and "resume=false" not in args  # the user's are replaced
+
+
+def test_dedicated_sweep_has_no_queue_settings_or_outputs(tmp_path):
+    overrides = ["backend=azureml", "backend.dry_run=true", f"backend.output_dir={tmp_path}/azure"]
+    submit_sweep(compose_cfg(overrides), PARAMS, {**SWEEPER, "sampler": "random"}, overrides=overrides)
+    job = load_job(tmp_path / "azure" / "sweep_job.yaml")
+    assert job.queue_settings is None and not job.outputs
+    assert "resume=true" not in shlex.split(job.trial.command)

@@ -42,6 +42,10 @@ LOCAL_ONLY = ("backend", "hydra", "trial", "sweep", "tracking.uri", "tracking.ar
 DATA_INPUTS = {"data.train_file": "train_file", "data.validation_file": "validation_file", "model.path": "model_path"}
 
 
+# backend.tier=low_priority: the job output that holds train.output_dir (its checkpoints).
+CHECKPOINTS = "checkpoints"
+
+
 def override_key(override: str) -> str:
     """`+a.b=1` -> `a.b`; `~a.b` -> `a.b`; `hydra/launcher=x` -> `hydra/launcher`."""
     return override.split("=", 1)[0].lstrip("+~")
@@ -74,7 +78,8 @@ def shell_join(args: Iterable[str]) -> str:
 
 
 def _is_plain(arg: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9_.+~/=:@,-]+|[A-Za-z0-9_.+~/:-]+=\$\{\{(inputs|search_space)\.[A-Za-z0-9_]+\}\}", arg) is not None
+    return re.fullmatch(r"[A-Za-z0-9_.+~/=:@,-]+|[A-Za-z0-9_.+~/:-]+=\$\{\{(inputs|outputs|search_space)\.[A-Za-z0-9_]+\}\}",
+                        arg) is not None
 
 
 def project_root(code_dir: Optional[str] = None) -> Path:
@@ -149,10 +154,44 @@ def job_tags(cfg, settings, kind: str) -> dict:
     return redact_tree(tags)
 
 
+def preemptible(settings) -> "tuple[dict, list, object]":
+    """(job outputs, overrides, queue settings) for backend.tier; nothing extra when dedicated.
+
+    low_priority: train.output_dir is a uri_folder output mounted read-write, so checkpoints
+    land on the datastore as they are written, and resume=true makes a job restarted after a
+    preemption continue from the last complete checkpoint in that folder (with none yet, it
+    starts from the beginning). backend.checkpoint_path pins the folder, so a resubmitted job
+    resumes too. Serverless compute takes the tier per job (queue_settings job_tier spot;
+    standard = dedicated, Azure's default); a cluster's VMs are low priority or dedicated by
+    the cluster's own tier.
+    """
+    from phitune.azure.settings import Tier
+
+    if Tier(settings.tier) is Tier.dedicated:
+        return {}, [], None
+    from azure.ai.ml import Output
+    from azure.ai.ml.entities import QueueSettings
+
+    out = Output(type="uri_folder", mode="rw_mount", path=settings.checkpoint_path or None)
+    args = [f"train.output_dir=${{{{outputs.{CHECKPOINTS}}}}}", "resume=true"]
+    return {CHECKPOINTS: out}, args, (None if settings.compute else QueueSettings(job_tier="spot"))
+
+
+def tier_note(settings) -> Optional[str]:
+    """One line for backend.tier=low_priority on a named cluster, whose own tier decides."""
+    from phitune.azure.settings import Tier
+
+    if Tier(settings.tier) is Tier.low_priority and settings.compute:
+        return (f"note: backend.tier=low_priority on backend.compute={settings.compute}: a cluster is low priority "
+                "if it was created so (az ml compute create --tier low_priority); the job checkpoints to its "
+                "outputs and resumes either way")
+    return None
+
+
 def remote_command(overrides: Iterable[str], inputs: dict, extra: Iterable[str] = ()) -> str:
     """`python train.py ...` for the remote side; `inputs` are the data inputs' names."""
     bindings = [f"{key}=${{{{inputs.{name}}}}}" for key, name in DATA_INPUTS.items() if name in inputs]
-    fixed = remote_overrides(overrides, replaced=DATA_INPUTS)
+    fixed = remote_overrides(overrides, replaced={*DATA_INPUTS, *(override_key(a) for a in extra)})
     return f"{ENTRY} {shell_join([*fixed, 'backend=local', *bindings, *extra])}".strip()
 
 
@@ -162,12 +201,13 @@ def build_command_job(cfg, overrides: list[str], settings, code_dir: Optional[st
 
     inputs = {name: _input(path, name) for name, path in data_inputs(cfg).items()}
     root = project_root(code_dir or settings.code_dir)
-    kwargs = {}
+    outputs, tier_args, queue = preemptible(settings)
+    kwargs = {"outputs": outputs, "queue_settings": queue} if outputs else {}
     if settings.instance_count > 1:
         # One process per node; the trainer reads the torchrun-style env Azure sets (RANK, WORLD_SIZE, ...).
         kwargs["distribution"] = PyTorchDistribution(process_count_per_instance=1)
     job = command(
-        command=remote_command(overrides, inputs),
+        command=remote_command(overrides, inputs, extra=tier_args),
         code=str(root),
         inputs=inputs,
         environment=environment(settings),

@@ -30,6 +30,7 @@ import json
 import re
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Optional
 
@@ -64,6 +65,53 @@ def _num(x: float) -> str:
 def model_name_from_uri(uri: str) -> str:
     m = re.search(r"/models/([^/]+)", uri)
     return m.group(1) if m else uri.rsplit("/", 1)[-1]
+
+
+def model_uri(settings) -> str:
+    """backend.model as a URI: a bare name (`Phi-4-mini-instruct`) is its registry's /labels/latest."""
+    model = str(settings.model)
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model):
+        entry = (settings.models or {}).get(model)
+        registry = entry.registry if entry is not None else "azureml"
+        return f"azureml://registries/{registry}/models/{model}/labels/latest"
+    return model
+
+
+def _day(settings, name: str, field: str) -> Optional[date]:
+    value = getattr(settings.models[name], field)
+    if value in (None, ""):
+        return None
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise PhituneError(f"backend.models.{name}.{field}={value}: expected a date YYYY-MM-DD "
+                           "(conf/backend/foundry.yaml)") from None
+
+
+def check_lifecycle(settings, today: Optional[date] = None) -> None:
+    """Refuse a base model whose Foundry fine-tuning is retired (naming its replacement); warn when deprecated.
+
+    The dates are the table `backend.models` (conf/backend/foundry.yaml), checked against
+    Azure's model registry and Microsoft's retirement schedule on `backend.models_checked`.
+    """
+    name = model_name_from_uri(settings.model)
+    today = today or date.today()
+    checked = f" (table checked {settings.models_checked})" if settings.models_checked else ""
+    if name not in (settings.models or {}):
+        print(f"note: backend.model={name} is not in backend.models{checked}; sent as given, Azure decides whether "
+              "it can be fine-tuned", file=sys.stderr)
+        return
+    entry = settings.models[name]
+    retired, deprecated = _day(settings, name, "finetune_retirement"), _day(settings, name, "finetune_deprecation")
+    instead = f"backend.model={entry.replacement}" if entry.replacement else "another backend.model"
+    own = f"backend=azureml model={entry.azureml_model}" if entry.azureml_model else "backend=azureml"
+    if retired is not None and retired <= today:
+        raise PhituneError(f"backend.model={name}: Azure retired fine-tuning of this model on {retired}; use {own} "
+                           f"to fine-tune it with phitune's own training on Azure ML compute, or {instead}{checked}")
+    if deprecated is not None and deprecated <= today:
+        until = f"; it retires on {retired}" if retired else ""
+        print(f"warning: backend.model={name}: Azure deprecated fine-tuning of this model on {deprecated}{until}; "
+              f"move to {instead}{checked}", file=sys.stderr)
 
 
 def output_model_name(cfg, settings) -> str:
@@ -219,6 +267,8 @@ def submit_finetuning(cfg, settings, *, credential=None, transport=None, sleep=N
     from phitune.azure import cost
     from phitune.azure.workspace import azure_errors
 
+    settings.model = model_uri(settings)
+    check_lifecycle(settings)  # before the workspace, the tokenizer or any request
     if not settings.dry_run:
         from phitune.azure.settings import require_workspace
 

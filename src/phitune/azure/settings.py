@@ -8,7 +8,8 @@ ignored while a GPU bills.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from enum import Enum
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,6 +37,13 @@ class CostSettings:
     max_cost: Optional[float] = None  # refuse a submission whose estimate is higher
 
 
+class Tier(str, Enum):
+    """Which VMs an Azure ML job runs on."""
+
+    dedicated = "dedicated"  # VMs kept until the job ends
+    low_priority = "low_priority"  # Azure's spare capacity, cheaper; may be preempted (the job then restarts)
+
+
 @dataclass
 class AzureMLBackend(WorkspaceRef, CostSettings):
     name: str = "azureml"
@@ -51,6 +59,11 @@ class AzureMLBackend(WorkspaceRef, CostSettings):
     display_name: Optional[str] = None
     code_dir: Optional[str] = None  # None = the project root (where train.py is)
     timeout_minutes: Optional[int] = None  # per command job / per sweep trial
+    # low_priority: serverless Spot VMs (or a low-priority cluster); train.output_dir is a job
+    # output on the datastore and resume=true is passed, so a restarted job continues from
+    # its last checkpoint.
+    tier: Tier = Tier.dedicated
+    checkpoint_path: Optional[str] = None  # datastore folder for the checkpoints; None = the job's own output
     dry_run: bool = False
     output_dir: str = "outputs/azure"  # dry-run YAML lands here
     follow: bool = True
@@ -59,9 +72,22 @@ class AzureMLBackend(WorkspaceRef, CostSettings):
 
 
 @dataclass
+class FoundryModel:
+    """One row of the table of base models Foundry fine-tunes (conf/backend/foundry.yaml `models`)."""
+
+    registry: str = "azureml"  # the Azure ML registry that holds it
+    finetune_deprecation: Optional[str] = None  # YYYY-MM-DD: from then on a warning
+    finetune_retirement: Optional[str] = None  # YYYY-MM-DD: from then on Foundry fine-tunes it no more
+    replacement: Optional[str] = None  # a model of this table that Foundry still fine-tunes
+    azureml_model: Optional[str] = None  # conf/model/ name for backend=azureml (phitune's own training)
+    source: Optional[str] = None  # where the dates come from
+
+
+@dataclass
 class FoundryBackend(WorkspaceRef, CostSettings):
     name: str = "foundry"
-    model: str = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest"
+    # A registry URI, or a name of the models table (expanded to its registry's /labels/latest).
+    model: str = "azureml://registries/azureml/models/Phi-4-mini-instruct/labels/latest"
     task: str = "ChatCompletion"
     # "portal": learning_rate_multiplier / batch_size / n_epochs (the Foundry wizard's names)
     # "trainer": learning_rate / per_device_train_batch_size / num_train_epochs (the SDK samples' names)
@@ -77,6 +103,8 @@ class FoundryBackend(WorkspaceRef, CostSettings):
     poll_seconds: float = 60.0
     link_model: bool = True  # register the result in the local MLflow registry
     tags: dict = field(default_factory=dict)
+    models: Dict[str, FoundryModel] = field(default_factory=dict)  # name -> fine-tuning lifecycle
+    models_checked: Optional[str] = None  # YYYY-MM-DD the table was last checked against its sources
 
 
 _SCHEMAS = {"azureml": AzureMLBackend, "foundry": FoundryBackend}
@@ -94,7 +122,8 @@ def backend_settings(backend_cfg) -> Any:
     except OmegaConfBaseException as exc:
         known = ", ".join(sorted(schema.__dataclass_fields__))
         detail = " ".join(str(exc).split("\n")[0].split())
-        raise PhituneError(f"backend={name}: {detail} (fields: {known})") from None
+        where = f"backend.{exc.full_key}: " if getattr(exc, "full_key", None) else ""
+        raise PhituneError(f"backend={name}: {where}{detail} (fields: {known})") from None
 
 
 def require_workspace(s: WorkspaceRef, backend: str) -> None:

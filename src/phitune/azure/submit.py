@@ -15,6 +15,7 @@ Returns None: the objective of an Azure run lives in Azure, not in this process.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -45,7 +46,7 @@ def submit(cfg, overrides: list[str], *, credential=None, transport=None, sleep=
 def submit_command(cfg, overrides: list[str], settings, *, credential=None, transport=None, sleep=None):
     """One training run as an Azure ML command job; returns the created job (None on a dry run)."""
     from phitune.azure import cost
-    from phitune.azure.command_job import build_command_job, data_inputs, dump_job, is_remote_uri
+    from phitune.azure.command_job import build_command_job, data_inputs, dump_job, is_remote_uri, tier_note
     from phitune.azure.workspace import azure_errors, follow, ml_client, raise_if_failed, studio_url
 
     from phitune.azure.settings import require_workspace
@@ -54,6 +55,8 @@ def submit_command(cfg, overrides: list[str], settings, *, credential=None, tran
         require_workspace(settings, "azureml")  # before minutes of tokenizing
     # Build first: a bad override or missing file is reported before the data is tokenized.
     job = build_command_job(cfg, overrides, settings)
+    if tier_note(settings):
+        print(tier_note(settings), file=sys.stderr)
     remote = any(is_remote_uri(p) for k, p in data_inputs(cfg).items() if k != "model_path")
     cost.preflight(cfg, settings, trials=1, remote_data=remote)
     if settings.dry_run:

@@ -27,15 +27,19 @@ draw to an integer in [a, b] (the two ends half as likely), and Bayesian
 sampling accepts it. Azure passes it as a number that may read "3.0", hence the
 Hydra `int()` cast in the trial's command.
 
-Sampler (hydra.sweeper.sampler) -> sampling_algorithm:
+Sampler (hydra.sweeper.sampler) -> sampling_algorithm. Where Azure ML has no equivalent,
+the nearest one that keeps the search space and the pruner is used, one `note:` line says
+what was translated and why, and the sweep job's tag `phitune.translation` records it:
 
-| Optuna       | Azure ML                  | what Azure ML accepts with it                          |
-|--------------|---------------------------|--------------------------------------------------------|
-| tpe          | bayesian                  | choice, uniform, quniform only; no early termination   |
-| random       | random (seed kept)        | every distribution; any early termination              |
-| qmc (sobol)  | random, rule=sobol        | as random; qmc_type=halton is refused                  |
-| grid         | grid                      | choice (and range) only                                |
-| cmaes, other | refused                   | Azure ML has no CMA-ES or other samplers               |
+| Optuna            | Azure ML                               | why                                                          |
+|-------------------|----------------------------------------|--------------------------------------------------------------|
+| tpe, gp, cmaes    | bayesian, when the space is choice/uniform/quniform and there is no pruner | Azure's one model-based sampler |
+| tpe, gp, cmaes    | random (seed kept), otherwise          | bayesian takes no log scale and no early termination         |
+| random            | random (seed kept)                     | every distribution; any early termination                    |
+| qmc (sobol)       | random, rule=sobol                     | as random                                                    |
+| qmc (halton)      | random, rule=sobol                     | Azure's only quasi-random sequence                           |
+| grid, bruteforce  | grid                                   | choice (and range) only; a continuous parameter is refused   |
+| nsgaii, nsgaiii   | refused                                | multi-objective samplers; an Azure sweep optimises one metric|
 
 Pruner (hydra.sweeper.pruner) -> early_termination. Azure counts intervals in
 reports of the primary metric (one per epoch: the trainer logs full_valid_loss at
@@ -82,7 +86,6 @@ PRIMARY_METRIC = "full_valid_loss"
 METRICS = ("full_valid_loss", "full_valid_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
            "train_loss", "train_mean_token_accuracy", "perplexity")
 
-SAMPLERS = {"tpe": "bayesian", "random": "random", "grid": "grid", "qmc": "random"}
 _SAMPLER_CLASSES = {"TPESampler": "tpe", "RandomSampler": "random", "GridSampler": "grid", "CmaEsSampler": "cmaes",
                     "QMCSampler": "qmc", "NSGAIISampler": "nsgaii", "NSGAIIISampler": "nsgaiii",
                     "GPSampler": "gp", "BruteForceSampler": "bruteforce"}
@@ -90,7 +93,8 @@ _PRUNER_CLASSES = {"MedianPruner": "median", "SuccessiveHalvingPruner": "success
                    "HyperbandPruner": "hyperband", "NopPruner": "none", "PercentilePruner": "percentile",
                    "ThresholdPruner": "threshold", "PatientPruner": "patient", "WilcoxonPruner": "wilcoxon"}
 # What Azure ML's Bayesian sampling accepts (its documentation: "Bayesian sampling only
-# supports choice, uniform, and quniform distributions" and no early termination policy).
+# supports choice, uniform, and quniform distributions" and no early termination policy);
+# any other space or a pruner gets random sampling, which takes both.
 BAYESIAN_KINDS = {"choice", "uniform", "quniform"}
 GRID_KINDS = {"choice"}
 
@@ -180,27 +184,84 @@ def _named(value, classes: dict, what: str) -> "tuple[str, dict]":
     return str(name).strip().lower(), opts
 
 
-def sampling_algorithm(sampler):
-    """(azure sampling algorithm, optuna sampler name); PhituneError when Azure has no equivalent."""
+@dataclass(frozen=True)
+class Sampling:
+    algorithm: Any  # azure.ai.ml.sweep sampling algorithm
+    sampler: str  # the Optuna sampler asked for
+    note: Optional[str] = None  # what was translated and why, when Azure ML has no equivalent
+
+
+# Optuna's model-based samplers -> the name Azure ML's note gives them.
+MODEL_BASED = {"tpe": "TPE", "gp": "Gaussian-process", "cmaes": "CMA-ES"}
+POLICY_NAMES = {"MedianStoppingPolicy": "median stopping policy", "BanditPolicy": "bandit policy",
+                "TruncationSelectionPolicy": "truncation selection policy"}
+
+
+def sampling_algorithm(sampler, params: list = (), policy=None) -> Sampling:
+    """Azure ML's sampling for the Optuna sampler, the search space and the early-termination policy.
+
+    Refuses (PhituneError) only what no Azure sampling can run: multi-objective samplers, and
+    grid over a continuous parameter.
+    """
     from azure.ai.ml.sweep import BayesianSamplingAlgorithm, GridSamplingAlgorithm, RandomSamplingAlgorithm
 
     name, opts = _named(sampler if sampler is not None else "tpe", _SAMPLER_CLASSES, "sampler")
-    if name not in SAMPLERS:
-        raise PhituneError(f"hydra.sweeper.sampler={name}: Azure ML sweep jobs have no {name} sampling "
-                           "(they offer bayesian, random (incl. sobol) and grid); set hydra.sweeper.sampler.name="
-                           "tpe, random, qmc or grid with backend=azureml, or run this sweep with backend=local")
-    seed = opts.get("seed")
-    if name == "tpe":
-        return BayesianSamplingAlgorithm(), name
-    if name == "grid":
-        return GridSamplingAlgorithm(), name
+    seed = int(opts["seed"]) if opts.get("seed") is not None else None
+    if name in MODEL_BASED:
+        why = _not_bayesian(params, policy)
+        if not why:
+            return Sampling(BayesianSamplingAlgorithm(), name, f"Azure ML has no {MODEL_BASED[name]} sampler; "
+                            "sampling=bayesian, Azure's model-based sampler (the space is choice/uniform/quniform "
+                            "and there is no pruner)")
+        kept, disallowed = why
+        return Sampling(RandomSamplingAlgorithm(seed=seed), name,
+                        f"Azure ML has no {MODEL_BASED[name]} sampler; sampling=random keeps {' and '.join(kept)} "
+                        f"(Azure's bayesian sampling allows {_neither(disallowed)})")
+    if name == "random":
+        return Sampling(RandomSamplingAlgorithm(seed=seed), name)
     if name == "qmc":
         qmc_type = str(opts.get("qmc_type", "sobol")).lower()
-        if qmc_type != "sobol":
-            raise PhituneError(f"hydra.sweeper.sampler: qmc_type={qmc_type}: Azure ML's quasi-random sampling "
-                               "is Sobol only (random sampling with rule=sobol); use qmc_type=sobol")
-        return RandomSamplingAlgorithm(rule="sobol", seed=int(seed) if seed is not None else None), name
-    return RandomSamplingAlgorithm(seed=int(seed) if seed is not None else None), name
+        note = None if qmc_type == "sobol" else (f"Azure ML has no {qmc_type} sequence; sampling=random with "
+                                                 "rule=sobol, the quasi-random sequence Azure has")
+        return Sampling(RandomSamplingAlgorithm(rule="sobol", seed=seed), name, note)
+    if name in ("grid", "bruteforce"):
+        bad = [p for p in params if p.kind not in GRID_KINDS]
+        if bad:
+            listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
+            raise PhituneError(f"Azure ML grid sampling accepts only choice (or range), not {listing}. Nothing was "
+                               "sent; use choice(...)/range(...) for these, or hydra.sweeper.sampler.name=random")
+        note = None if name == "grid" else "Azure ML has no brute-force sampler; sampling=grid runs every combination"
+        return Sampling(GridSamplingAlgorithm(), name, note)
+    if name in ("nsgaii", "nsgaiii"):
+        raise PhituneError(f"hydra.sweeper.sampler={name}: a multi-objective sampler; an Azure ML sweep job optimises "
+                           f"one metric ({PRIMARY_METRIC}); set hydra.sweeper.sampler.name=tpe or random with "
+                           "backend=azureml, or run this sweep with backend=local")
+    raise PhituneError(f"hydra.sweeper.sampler={name}: Azure ML sweep jobs have no {name} sampling and phitune knows "
+                       "no nearest one (Azure offers bayesian, random (incl. sobol) and grid); set "
+                       "hydra.sweeper.sampler.name=tpe, random, qmc or grid with backend=azureml, or run this sweep "
+                       "with backend=local")
+
+
+def _not_bayesian(params, policy):
+    """None if Azure's bayesian sampling takes this space and pruner; else (what random keeps, what bayesian lacks)."""
+    kept, disallowed = [], []
+    bad = [p for p in params if p.kind not in BAYESIAN_KINDS]
+    for kind in dict.fromkeys(p.kind for p in bad):
+        paths = ", ".join(p.path for p in bad if p.kind == kind)
+        kept.append(f"the {_KIND_WORDS[kind]} {paths}")
+        disallowed.append(_KIND_WORDS[kind])
+    if policy is not None:
+        kept.append(f"the {POLICY_NAMES.get(type(policy).__name__, 'early-termination policy')}")
+        disallowed.append("early termination")
+    return (kept, disallowed) if kept else None
+
+
+_KIND_WORDS = {"loguniform": "log-uniform", "qloguniform": "log-uniform integer", "uniform": "uniform",
+               "quniform": "integer", "choice": "choice"}
+
+
+def _neither(items: list) -> str:
+    return f"no {items[0]}" if len(items) == 1 else "neither " + " nor ".join(items)
 
 
 def early_termination(pruner):
@@ -258,30 +319,6 @@ def primary_metric(sweeper_cfg) -> str:
         raise PhituneError(f"hydra.sweeper.metric={metric}: Azure ML reads the primary metric from the trial's MLflow "
                            f"run, which logs {', '.join(METRICS)}")
     return metric
-
-
-def check_combination(algorithm_name: str, params: list, policy) -> None:
-    """What Azure ML refuses, refused here first, with every reason and the smallest fix."""
-    reasons = []
-    if algorithm_name == "tpe":
-        bad = [p for p in params if p.kind not in BAYESIAN_KINDS]
-        if bad:
-            listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
-            reasons.append(f"Azure ML bayesian sampling (sampler tpe) accepts only choice, uniform and quniform, "
-                           f"not {listing}")
-        if policy is not None:
-            reasons.append("Azure ML bayesian sampling (sampler tpe) does not support early termination "
-                           "(the pruner)")
-        if reasons:
-            fix = ("set hydra.sweeper.sampler.name=random (keeps the search space and the pruner)" if bad else
-                   "set hydra.sweeper.pruner.name=none, or hydra.sweeper.sampler.name=random to keep the pruner")
-            raise PhituneError("; ".join(reasons) + f". Nothing was sent; {fix}")
-    if algorithm_name == "grid":
-        bad = [p for p in params if p.kind not in GRID_KINDS]
-        if bad:
-            listing = ", ".join(f"{p.path}={p.source} ({p.kind})" for p in bad)
-            raise PhituneError(f"Azure ML grid sampling accepts only choice (or range), not {listing}. Nothing was "
-                               "sent; use choice(...)/range(...) for these, or hydra.sweeper.sampler.name=random")
 
 
 def translate(params: Mapping[str, str]) -> "tuple[list, list]":
@@ -342,15 +379,14 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     from azure.ai.ml import command
 
     from phitune.azure.command_job import (
-        DATA_INPUTS, _input, data_inputs, environment, experiment_name, job_tags, project_root, remote_overrides,
-        shell_join,
+        DATA_INPUTS, _input, data_inputs, environment, experiment_name, job_tags, override_key, preemptible,
+        project_root, remote_overrides, shell_join,
     )
     from phitune.azure.redact import check_overrides, safe_env
 
     swept, fixed = translate(params)
-    algorithm, algorithm_name = sampling_algorithm(_get(sweeper_cfg, "sampler", "tpe"))
     policy, _ = early_termination(_get(sweeper_cfg, "pruner"))
-    check_combination(algorithm_name, swept, policy)
+    sampling = sampling_algorithm(_get(sweeper_cfg, "sampler", "tpe"), swept, policy)
     objective_goal = goal(_get(sweeper_cfg, "direction", "minimize"))
     metric = primary_metric(sweeper_cfg)
     n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
@@ -364,8 +400,11 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     bindings = [f"{key}=${{{{inputs.{name}}}}}" for key, name in DATA_INPUTS.items() if name in inputs]
     swept_args = [f"{p.path}=int(${{{{inputs.{p.name}}}}})" if p.cast_int else f"{p.path}=${{{{inputs.{p.name}}}}}"
                   for p in swept]
-    user = remote_overrides(_user_overrides(overrides, params), replaced=set(DATA_INPUTS) | {p.path for p in swept})
-    cmd = f"python train.py {shell_join([*user, *fixed, 'backend=local', *bindings, *swept_args])}"
+    outputs, tier_args, queue = preemptible(settings)
+    replaced = {*DATA_INPUTS, *(p.path for p in swept), *(override_key(a) for a in tier_args)}
+    user = remote_overrides(_user_overrides(overrides, params), replaced=replaced)
+    fixed = [f for f in fixed if override_key(f) not in replaced]
+    cmd = f"python train.py {shell_join([*user, *fixed, 'backend=local', *bindings, *swept_args, *tier_args])}"
 
     defaults = {}
     for p in swept:
@@ -382,14 +421,16 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
         compute=settings.compute,
         instance_type=settings.instance_type,
         instance_count=settings.instance_count,
+        outputs=outputs,  # low_priority: each trial's checkpoints, so a preempted trial resumes
     )
     trial = trial(**{p.name: p.distribution for p in swept})
     node = trial.sweep(
-        sampling_algorithm=algorithm,
+        sampling_algorithm=sampling.algorithm,
         primary_metric=metric,
         goal=objective_goal,
         early_termination_policy=policy,
         compute=settings.compute,
+        queue_settings=queue,
     )
     node.set_limits(
         max_total_trials=n_trials,
@@ -402,6 +443,8 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     job.display_name = settings.display_name
     job.description = f"phitune sweep: {n_trials} trials of python train.py, {metric} {objective_goal}"
     job.tags = job_tags(cfg, settings, "sweep")
+    if sampling.note:
+        job.tags["phitune.translation"] = sampling.note  # what Azure runs instead of the sampler asked for
     return job
 
 
@@ -417,7 +460,7 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
     import time
 
     from phitune.azure import cost
-    from phitune.azure.command_job import data_inputs, dump_job, is_remote_uri
+    from phitune.azure.command_job import data_inputs, dump_job, is_remote_uri, tier_note
     from phitune.azure.redact import install_log_filter
     from phitune.azure.settings import backend_settings
     from phitune.azure.workspace import azure_errors, follow, ml_client, raise_if_failed, require_sdk, studio_url
@@ -433,6 +476,10 @@ def submit_sweep(config, params: dict, sweeper_cfg, *, overrides: Optional[list]
 
         require_workspace(settings, "azureml")
     job = build_sweep_job(config, params, sweeper_cfg, settings, overrides=overrides)  # refusals happen here
+    for note in (f"note: {job.tags['phitune.translation']}" if "phitune.translation" in job.tags else None,
+                 tier_note(settings)):
+        if note:
+            print(note, file=sys.stderr)
     n_trials = int(_get(sweeper_cfg, "n_trials", 20) or 20)
     remote = any(is_remote_uri(p) for k, p in data_inputs(config).items() if k != "model_path")
     swept, _ = translate(params)
