@@ -44,7 +44,7 @@ def _trial_reporter(cfg):
 
 
 def _encode(examples, tokenizer, max_len: int, what: str):
-    from phitune.data.encode import encode_example
+    from phitune.chat import encode_example
 
     out, dropped = [], 0
     for ex in examples:
@@ -101,7 +101,7 @@ def run(cfg, overrides: list[str] | None = None):
     import transformers
 
     from phitune.data.dataset import prepare_splits
-    from phitune.data.encode import count_tokens
+    from phitune.chat import chat_tokens, count_tokens
     from phitune.modeling.loader import apply_training_method, base_reference, load_model, load_tokenizer
     from phitune.optim import build_optimizer, build_scheduler
     from phitune.train.checkpoint import load_checkpoint, recorded_run_id
@@ -112,7 +112,8 @@ def run(cfg, overrides: list[str] | None = None):
         max_len = int(cfg.data.max_seq_len or cfg.model.context_length)
         tokenizer = load_tokenizer(cfg.model)
         # Validation first: bad data stops the run before any model is built.
-        splits = prepare_splits(cfg.data, token_counter=lambda m: count_tokens(tokenizer, m), context_length=max_len)
+        splits = prepare_splits(cfg.data, token_counter=lambda m: count_tokens(tokenizer, m), context_length=max_len,
+                                control_tokens=chat_tokens(tokenizer).control_strings)
         _safety_screen(cfg, splits)
         train_enc = _encode(splits.train, tokenizer, max_len, "training")
         valid_enc = _encode(splits.valid, tokenizer, max_len, "validation")
@@ -179,10 +180,8 @@ def run(cfg, overrides: list[str] | None = None):
 def _safety_screen(cfg, splits) -> None:
     if not cfg.data.get("safety_check"):
         return
-    try:
-        from phitune.safety.screen import screen_examples
-    except ImportError as exc:
-        raise PhituneError("data.safety_check=true needs the content filter (phitune.safety), which is not installed") from exc
+    from phitune.safety.screen import screen_examples
+
     screen_examples(cfg, splits)
 
 
@@ -257,8 +256,6 @@ def _log_datasets(cfg, splits) -> None:
 
 
 def _evaluate_at_end(cfg, tracker) -> None:
-    try:
-        from phitune.evaluation.run import evaluate_run
-    except ImportError:
-        return  # the evaluation suite is not part of this build yet
+    from phitune.evaluation.run import evaluate_run
+
     evaluate_run(cfg, tracker.run_id)

@@ -193,8 +193,6 @@ def _is_pruned(exc) -> bool:
 
 
 def _azure_context():
-    try:
-        from phitune.azure.env import azure_run_context
-    except ImportError:
-        return None
+    from phitune.azure.env import azure_run_context
+
     return azure_run_context()
