@@ -226,7 +226,8 @@ def run_phitune(args, examples, clock, varlen: bool = False) -> dict:
     from phitune.modeling.loader import apply_training_method
     from phitune.optim import build_optimizer, build_scheduler
     from phitune.train.distributed import Dist
-    from phitune.train.loop import Callback, LoopSpec, fit
+    from phitune.train.callbacks import Callback
+    from phitune.train.loop import LoopSpec, fit
     from phitune.train.schedule import BatchPlan
 
     attn = None

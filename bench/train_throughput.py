@@ -177,7 +177,8 @@ def run_phitune(args, tokenizer, conversations, clock: StepClock, varlen: bool =
     from phitune.modeling.loader import apply_training_method
     from phitune.optim import build_optimizer, build_scheduler
     from phitune.train.distributed import Dist
-    from phitune.train.loop import Callback, LoopSpec, fit, steps_per_epoch
+    from phitune.train.callbacks import Callback
+    from phitune.train.loop import LoopSpec, fit, steps_per_epoch
     from phitune.train.schedule import plan_batch
 
     encodings = _encodings(tokenizer, conversations)

@@ -114,5 +114,5 @@ def test_resume_removes_the_partial_checkpoints_of_a_killed_run(tmp_path):
     (out / "epoch-001").mkdir(parents=True)
     (out / "epoch-001" / "state.json").write_text("{}")
     (out / ".tmp-epoch-002-4242" / "adapter").mkdir(parents=True)  # another process was killed while saving
-    assert _prepare_output_dir(None, out, resume=True) == out / "epoch-001"
+    assert _prepare_output_dir(out, resume=True) == out / "epoch-001"
     assert sorted(p.name for p in out.iterdir()) == ["epoch-001"]

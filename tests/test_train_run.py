@@ -1,7 +1,9 @@
 """End-to-end runs of the recipe on the tiny Phi-3: tracking, resume, status, the logged model."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -59,11 +61,13 @@ def trained_run(tmp_path_factory, small_data):
 
     # ... even when a tag repeats it: the tag, its param and config.yaml all carry it unless masked.
     cfg = compose(run_overrides(tmp, *small_data, f"+tracking.tags.support_ticket={CANARY}"))
-    objective = run(cfg)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        objective = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("phitune").experiment_id])
     assert len(runs) == 1
-    return {"tmp": tmp, "objective": objective, "run": runs[0], "client": client}
+    return {"tmp": tmp, "objective": objective, "run": runs[0], "client": client, "stderr": err.getvalue()}
 
 
 def test_run_returns_final_full_valid_loss(trained_run):
@@ -71,6 +75,21 @@ def test_run_returns_final_full_valid_loss(trained_run):
     assert run.info.status == "FINISHED"
     assert trained_run["objective"] == pytest.approx(run.data.metrics["full_valid_loss"])
     assert run.data.metrics["perplexity"] == pytest.approx(2.718281828 ** run.data.metrics["full_valid_loss"], rel=1e-6)
+
+
+def test_run_ends_with_a_closing_block(trained_run):
+    run, tmp = trained_run["run"], trained_run["tmp"]
+    rid, uri = run.info.run_id, f"sqlite:///{tmp}/mlruns/mlflow.db"
+    block = trained_run["stderr"].splitlines()[-5:]
+    assert block == [
+        f"run {rid} FINISHED · objective (full_valid_loss) {trained_run['objective']:.4f}",
+        f"  see it:  mlflow ui --backend-store-uri {uri}  ->  "
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{rid}",
+        f"  model:   runs:/{rid}/model",
+        f"  next:    phitune promote --run {rid} --name MODEL_NAME --tracking-uri {uri}",
+        f"           phitune serve runs:/{rid}/model --tracking-uri {uri}",
+    ]
+    assert "Downloading artifacts" not in trained_run["stderr"]
 
 
 def test_run_logs_portal_metrics_per_step_and_epoch(trained_run):

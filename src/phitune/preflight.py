@@ -77,7 +77,7 @@ def check_output_dir(cfg) -> None:
 
 def check_tracking(tracking_cfg) -> None:
     """The MLflow store answers, or its sqlite file can be created; skipped inside an Azure ML job."""
-    from phitune.azure.env import azure_run_context
+    from phitune.tracking.context import azure_run_context
 
     if azure_run_context() is not None:
         return  # Azure opened the run and its store for this job; tracking.uri is not used there

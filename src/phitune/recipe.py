@@ -1,23 +1,34 @@
-"""One fine-tuning run, top to bottom: validate, encode, build, train, track, return.
+"""One fine-tuning run, top to bottom: check, data, training set-up, train, finalise.
 
 `run(cfg)` is what `python train.py` calls; tests call it directly with a composed
 config. It returns the objective the sweep optimises: the final full_valid_loss.
+
+    run
+    ├── check_run            backend, output folder, tracking store (phitune.preflight)
+    ├── _setup_data          tokenizer, validation, split, encoding       -> Data
+    ├── _setup_training      batch plan, lr, epochs, model, optimiser, resume -> Job
+    ├── _tracked_fit         the MLflow run: params, fit(), _finalise (metrics, artifacts, model, eval)
+    └── _closing_block       run id, status, objective, where to see it, next commands
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from phitune.chat import IGNORE_INDEX, chat_tokens, count_tokens, encode_example
 from phitune.errors import PhituneError
 from phitune.preflight import check_run, config_hash, default_output_dir
+from phitune.redact import redact_text
 from phitune.train import distributed
-from phitune.train.loop import Callback, LoopSpec, TrainState, fit
+from phitune.train.callbacks import Callback
 
 
 class _TrialCallback(Callback):
@@ -43,13 +54,95 @@ def _trial_reporter(cfg):
     return TrialReporter.from_config(cfg.trial)
 
 
-def _encode(examples, tokenizer, max_len: int, what: str):
-    from phitune.chat import encode_example
+@dataclass
+class Data:
+    tokenizer: object
+    splits: object  # phitune.data.dataset.Splits
+    train: list  # phitune.chat.Encoded
+    valid: list
 
+
+@dataclass
+class Job:
+    """Everything the loop needs, built and (on resume) restored."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    spec: object  # phitune.train.loop.LoopSpec
+    state: object  # phitune.train.loop.TrainState
+    run_id: str | None  # the MLflow run to continue
+    derived: dict  # derived.* params: what the portal's settings resolved to
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for phitune's own progress: no per-shard bars or known-noise warnings."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
+    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def run(cfg, overrides: list[str] | None = None):
+    # The backend table, then the output folder and the tracking store: bad ones fail now, not after an epoch.
+    backend = check_run(cfg)
+    _quiet_libraries()
+    if backend.name != "local":
+        from phitune.azure.submit import submit
+
+        return submit(cfg, list(overrides or []))
+
+    from phitune.train.loop import fit
+
+    dist = distributed.setup(cfg.backend.get("device", "auto"))
+    try:
+        data = _setup_data(cfg)
+        job = _setup_training(cfg, data, dist)
+        if not dist.is_main:
+            fit(job.model, job.optimizer, job.scheduler, data.train, data.valid, job.spec, dist, [], job.state)
+            return None
+        return _tracked_fit(cfg, data, job, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+# -- set up: data ----------------------------------------------------------------------
+
+def _setup_data(cfg) -> Data:
+    """Validation first: bad data stops the run before any model is built."""
+    from phitune.data.dataset import prepare_splits
+    from phitune.modeling.loader import load_tokenizer
+
+    max_len = int(cfg.data.max_seq_len or cfg.model.context_length)
+    tokenizer = load_tokenizer(cfg.model)
+    splits = prepare_splits(cfg.data, token_counter=lambda m: count_tokens(tokenizer, m), context_length=max_len,
+                            control_tokens=chat_tokens(tokenizer).control_strings)
+    _safety_screen(cfg, splits)
+    data = Data(tokenizer, splits, _encode(splits.train, tokenizer, max_len, "training"),
+                _encode(splits.valid, tokenizer, max_len, "validation"))
+    if not data.train:
+        raise PhituneError(f"{cfg.data.train_file}: no example has a trainable assistant token")
+    return data
+
+
+def _safety_screen(cfg, splits) -> None:
+    if not cfg.data.get("safety_check"):
+        return
+    from phitune.safety.screen import screen_examples
+
+    screen_examples(cfg, splits)
+
+
+def _encode(examples, tokenizer, max_len: int, what: str):
     out, dropped = [], 0
     for ex in examples:
         enc = encode_example(tokenizer, ex.messages, max_len)
-        if any(label != -100 for label in enc.labels[1:]):
+        if any(label != IGNORE_INDEX for label in enc.labels[1:]):
             out.append(enc)
         else:
             dropped += 1  # every assistant token was cut by truncation or weight 0
@@ -59,7 +152,45 @@ def _encode(examples, tokenizer, max_len: int, what: str):
     return out
 
 
-def _prepare_output_dir(cfg, out: Path, resume: bool):
+# -- set up: training --------------------------------------------------------------------
+
+def _setup_training(cfg, data: Data, dist) -> Job:
+    import transformers
+
+    from phitune.modeling.loader import apply_training_method, load_model
+    from phitune.optim import build_optimizer, build_scheduler
+    from phitune.train.loop import LoopSpec, TrainState, steps_per_epoch
+    from phitune.train.schedule import learning_rate, plan_batch, resolve_epochs
+
+    epochs = resolve_epochs(cfg.train.epochs, len(data.train))
+    plan = plan_batch(cfg.model.base_batch_size, cfg.train.batch_size_multiplier, cfg.train.max_device_batch,
+                      dist.world_size)
+    lr = learning_rate(cfg.model.base_learning_rate, cfg.train.learning_rate_multiplier)
+    total = steps_per_epoch(len(data.train), plan) * epochs
+    if cfg.train.max_steps:
+        total = min(total, int(cfg.train.max_steps))
+    out = Path(cfg.train.output_dir) if cfg.train.output_dir else default_output_dir(cfg)
+    latest = _prepare_output_dir(out, cfg.resume) if dist.is_main else None
+    latest = dist.broadcast_object(str(latest) if latest else None)
+
+    transformers.set_seed(cfg.seed)
+    model = apply_training_method(load_model(cfg.model, device=dist.device), cfg.train, cfg.model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
+    scheduler = build_scheduler(cfg.optimizer, optimizer, total)
+    spec = LoopSpec.from_config(cfg.train, epochs=epochs, plan=plan, seed=cfg.seed, output_dir=str(out))
+    job = Job(model, optimizer, scheduler, spec, TrainState(), None, {})
+    _restore(cfg, job, out, latest, dist)
+    job.derived = _derived(data, job, lr, total, out)
+    if dist.is_main:
+        _print_plan(data, job)
+    return job
+
+
+def _prepare_output_dir(out: Path, resume: bool):
     from phitune.train.checkpoint import latest_checkpoint, recorded_run_id, remove_partial
 
     if resume:
@@ -77,121 +208,47 @@ def _prepare_output_dir(cfg, out: Path, resume: bool):
     return latest
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for phitune's own progress: no per-shard bars or known-noise warnings."""
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def run(cfg, overrides: list[str] | None = None):
-    # The backend table, then the output folder and the tracking store: bad ones fail now, not after an epoch.
-    backend = check_run(cfg)
-    _quiet_libraries()
-    if backend.name != "local":
-        from phitune.azure.submit import submit
-
-        return submit(cfg, list(overrides or []))
-
-    import transformers
-
-    from phitune.data.dataset import prepare_splits
-    from phitune.chat import chat_tokens, count_tokens
-    from phitune.modeling.loader import apply_training_method, base_reference, load_model, load_tokenizer
-    from phitune.optim import build_optimizer, build_scheduler
+def _restore(cfg, job: Job, out: Path, latest: str | None, dist) -> None:
+    """resume=true: the MLflow run this folder belongs to (run.json, written as it started, so even
+    a run killed before its first checkpoint is continued) and the last complete checkpoint."""
     from phitune.train.checkpoint import load_checkpoint, recorded_run_id
-    from phitune.train.schedule import learning_rate, plan_batch, resolve_epochs
+    from phitune.train.loop import TrainState
 
-    dist = distributed.setup(cfg.backend.get("device", "auto"))
-    try:
-        max_len = int(cfg.data.max_seq_len or cfg.model.context_length)
-        tokenizer = load_tokenizer(cfg.model)
-        # Validation first: bad data stops the run before any model is built.
-        splits = prepare_splits(cfg.data, token_counter=lambda m: count_tokens(tokenizer, m), context_length=max_len,
-                                control_tokens=chat_tokens(tokenizer).control_strings)
-        _safety_screen(cfg, splits)
-        train_enc = _encode(splits.train, tokenizer, max_len, "training")
-        valid_enc = _encode(splits.valid, tokenizer, max_len, "validation")
-        if not train_enc:
-            raise PhituneError(f"{cfg.data.train_file}: no example has a trainable assistant token")
-        epochs = resolve_epochs(cfg.train.epochs, len(train_enc))
-        plan = plan_batch(cfg.model.base_batch_size, cfg.train.batch_size_multiplier, cfg.train.max_device_batch,
-                          dist.world_size)
-        lr = learning_rate(cfg.model.base_learning_rate, cfg.train.learning_rate_multiplier)
-        out = Path(cfg.train.output_dir) if cfg.train.output_dir else default_output_dir(cfg)
-        latest = _prepare_output_dir(cfg, out, cfg.resume) if dist.is_main else None
-        latest = dist.broadcast_object(str(latest) if latest else None)
-
-        transformers.set_seed(cfg.seed)
-        model = apply_training_method(load_model(cfg.model, device=dist.device), cfg.train, cfg.model)
-        if dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-        optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
-        from phitune.train.loop import steps_per_epoch
-
-        total = steps_per_epoch(len(train_enc), plan) * epochs
-        if cfg.train.max_steps:
-            total = min(total, int(cfg.train.max_steps))
-        scheduler = build_scheduler(cfg.optimizer, optimizer, total)
-
-        # The run this folder belongs to (run.json, written as it started): resume continues it,
-        # even when it was killed before its first checkpoint.
-        state, run_id = TrainState(), (recorded_run_id(out) if cfg.resume and dist.is_main else None)
-        if latest:
-            st = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank, device=dist.device)
-            state = TrainState(epoch=st["epoch"], step=st["step"], train_tokens=st["train_tokens"],
-                               history=st["history"], epoch_metrics=st["epoch_metrics"])
-            run_id = run_id or st.get("run_id")
-            if dist.is_main:
-                print(f"resuming from {latest} (epoch {state.epoch}, step {state.step})", file=sys.stderr)
-
-        spec = LoopSpec(epochs=epochs, plan=plan, seed=cfg.seed, eval_steps=cfg.train.eval_steps,
-                        max_steps=cfg.train.max_steps, max_grad_norm=cfg.train.max_grad_norm,
-                        full_eval_each_epoch=cfg.train.full_eval_each_epoch, keep_checkpoints=cfg.train.keep_checkpoints,
-                        output_dir=str(out), progress=cfg.train.progress)
-        derived = {"derived.learning_rate": lr, "derived.epochs": epochs, "derived.effective_batch": plan.effective_batch,
-                   "derived.device_batch": plan.device_batch, "derived.grad_accum": plan.grad_accum,
-                   "derived.world_size": plan.world_size, "derived.total_steps": total,
-                   "derived.n_train_examples": len(train_enc), "derived.n_valid_examples": len(valid_enc),
-                   "derived.validation_mode": splits.mode, "derived.auto_fraction": splits.auto_fraction,
-                   "derived.train_valid_overlap": splits.overlap, "derived.output_dir": str(out)}
-        if dist.is_main:
-            print(f"train: {len(train_enc)} examples, valid: {len(valid_enc)} ({splits.mode}"
-                  + (f", auto fraction {splits.auto_fraction}" if splits.mode == "auto" else "")
-                  + f"), overlap {splits.overlap}; {epochs} epoch(s), {total} optimizer steps; "
-                  f"batch {plan.effective_batch} = {plan.device_batch} x {plan.grad_accum} accum x {plan.world_size} device(s); "
-                  f"lr {lr:g}", file=sys.stderr)
-        if not dist.is_main:
-            fit(model, optimizer, scheduler, train_enc, valid_enc, spec, dist, [], state)
-            return None
-        return _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_enc, spec, dist, state, run_id,
-                            splits, derived, base_reference(cfg.model))
-    finally:
-        distributed.teardown(dist)
-
-
-def _safety_screen(cfg, splits) -> None:
-    if not cfg.data.get("safety_check"):
+    job.run_id = recorded_run_id(out) if cfg.resume and dist.is_main else None
+    if not latest:
         return
-    from phitune.safety.screen import screen_examples
+    st = load_checkpoint(latest, job.model, job.optimizer, job.scheduler, rank=dist.rank, device=dist.device)
+    job.state = TrainState(epoch=st["epoch"], step=st["step"], train_tokens=st["train_tokens"],
+                           history=st["history"], epoch_metrics=st["epoch_metrics"])
+    job.run_id = job.run_id or st.get("run_id")
+    if dist.is_main:
+        print(f"resuming from {latest} (epoch {job.state.epoch}, step {job.state.step})", file=sys.stderr)
 
-    screen_examples(cfg, splits)
+
+def _derived(data: Data, job: Job, lr: float, total: int, out: Path) -> dict:
+    plan, splits = job.spec.plan, data.splits
+    return {"derived.learning_rate": lr, "derived.epochs": job.spec.epochs, "derived.effective_batch": plan.effective_batch,
+            "derived.device_batch": plan.device_batch, "derived.grad_accum": plan.grad_accum,
+            "derived.world_size": plan.world_size, "derived.total_steps": total,
+            "derived.n_train_examples": len(data.train), "derived.n_valid_examples": len(data.valid),
+            "derived.validation_mode": splits.mode, "derived.auto_fraction": splits.auto_fraction,
+            "derived.train_valid_overlap": splits.overlap, "derived.output_dir": str(out)}
 
 
-def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_enc, spec, dist, state, run_id, splits,
-                 derived, base_ref):
-    from phitune.tracking import artifacts
-    from phitune.tracking.run import TrackedRun, flatten
-    from phitune.train.checkpoint import _unwrap, record_run
+def _print_plan(data: Data, job: Job) -> None:
+    s, plan, d = data.splits, job.spec.plan, job.derived
+    print(f"train: {len(data.train)} examples, valid: {len(data.valid)} ({s.mode}"
+          + (f", auto fraction {s.auto_fraction}" if s.mode == "auto" else "")
+          + f"), overlap {s.overlap}; {job.spec.epochs} epoch(s), {d['derived.total_steps']} optimizer steps; "
+          f"batch {plan.effective_batch} = {plan.device_batch} x {plan.grad_accum} accum x {plan.world_size} device(s); "
+          f"lr {d['derived.learning_rate']:g}", file=sys.stderr)
 
-    reporter = _trial_reporter(cfg)
+
+# -- train, tracked ----------------------------------------------------------------------
+
+def _run_tags(cfg, splits, reporter) -> dict:
+    from phitune.tracking.run import flatten
+
     tags = {"phitune.config_hash": config_hash(cfg), "phitune.model": cfg.model.name,
             "phitune.data_digest": splits.digest, "phitune.train_digest": splits.train_digest,
             "phitune.valid_digest": splits.valid_digest or "", "phitune.validation_mode": splits.mode,
@@ -200,44 +257,83 @@ def _tracked_fit(cfg, model, tokenizer, optimizer, scheduler, train_enc, valid_e
     if reporter is not None:
         tags["phitune.trial_number"] = str(cfg.trial.number)
         tags["phitune.study"] = str(cfg.trial.study_name)
-    callbacks = []
+    return tags
+
+
+def _tracked_fit(cfg, data: Data, job: Job, dist):
+    from phitune.tracking.run import TrackedRun, flatten
+    from phitune.train.checkpoint import record_run
+    from phitune.train.loop import fit
+
+    reporter = _trial_reporter(cfg)
     # Named here: MLflow's random names come from `random`, which set_seed made identical for every run.
     name = cfg.tracking.get("run_name") or (f"trial-{cfg.trial.number}" if reporter is not None
                                             else f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    with TrackedRun(cfg.tracking, run_name=name, resume_run_id=run_id, tags=tags) as tracker:
-        record_run(spec.output_dir, tracker.run_id)  # before any step: a SIGKILL from here on is resumable
-        tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **derived})
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        _log_datasets(cfg, splits)
-        callbacks = [tracker] + ([_TrialCallback(reporter)] if reporter else [])
-        t0 = time.time()
-        state = fit(model, optimizer, scheduler, train_enc, valid_enc, spec, dist, callbacks, state, tracker.run_id)
-        final = state.epoch_metrics[-1] if state.epoch_metrics else {}
-        objective = final.get("full_valid_loss")
-        if objective is None and state.history:
-            objective = state.history[-1]["train_loss"]  # no validation data: the last training loss
-        import mlflow
+    tracker = TrackedRun(cfg.tracking, run_name=name, resume_run_id=job.run_id, tags=_run_tags(cfg, data.splits, reporter))
+    objective = None
+    try:
+        with tracker:
+            record_run(job.spec.output_dir, tracker.run_id)  # before any step: a SIGKILL from here on is resumable
+            tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **job.derived})
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            _log_datasets(cfg, data.splits)
+            callbacks = [tracker] + ([_TrialCallback(reporter)] if reporter else [])
+            t0 = time.time()
+            state = fit(job.model, job.optimizer, job.scheduler, data.train, data.valid, job.spec, dist, callbacks,
+                        job.state, tracker.run_id)
+            objective = _objective(state)
+            _finalise(cfg, tracker, data.tokenizer, job.model, state, objective, time.time() - t0)
+            if reporter is not None:
+                reporter.finish()
+            elif cfg.train.get("evaluate_at_end"):
+                from phitune.evaluation.run import evaluate_run
 
-        mlflow.log_metrics({"train_runtime_s": time.time() - t0, "train_tokens_total": state.train_tokens})
-        if objective is not None:
-            mlflow.log_metric("objective", float(objective))
-        tracker.log_files(lambda p: artifacts.write_results_csv(state.history, p), "results.csv")
-        tracker.log_files(lambda p: artifacts.plot_loss_curve(state.history, p, f"{cfg.model.name} loss"), "loss_curve.png")
-        if cfg.tracking.log_model:
-            with tempfile.TemporaryDirectory() as tmp:
-                adapter = Path(tmp) / "adapter"
-                _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
-                tokenizer.save_pretrained(str(adapter))
-                mlflow.log_artifacts(str(adapter), "adapter")
-                from phitune.tracking.pyfunc_model import log_chat_model
+                evaluate_run(cfg, tracker.run_id)
+    finally:
+        if reporter is None and tracker.status:  # a sweep prints its own line per trial
+            _closing_block(cfg, tracker, objective)
+    return objective
 
-                ref = dict(base_ref, context_length=int(cfg.model.context_length), method=cfg.train.method)
-                log_chat_model(ref, adapter)
-        if reporter is not None:
-            reporter.finish()
-        if cfg.train.get("evaluate_at_end") and reporter is None:
-            _evaluate_at_end(cfg, tracker)
-    return None if objective is None else float(objective)
+
+def _objective(state) -> float | None:
+    """The final full_valid_loss; without validation data, the last training loss."""
+    final = state.epoch_metrics[-1] if state.epoch_metrics else {}
+    value = final.get("full_valid_loss")
+    if value is None and state.history:
+        value = state.history[-1]["train_loss"]
+    return None if value is None else float(value)
+
+
+def _finalise(cfg, tracker, tokenizer, model, state, objective, runtime_s: float) -> None:
+    """What a finished run leaves besides its per-step metrics: totals, results.csv, the loss
+    curve, and (tracking.log_model) the adapter and the MLflow chat model."""
+    import mlflow
+
+    from phitune.tracking import artifacts
+
+    mlflow.log_metrics({"train_runtime_s": runtime_s, "train_tokens_total": state.train_tokens})
+    if objective is not None:
+        mlflow.log_metric("objective", objective)
+    tracker.log_files(lambda p: artifacts.write_results_csv(state.history, p), "results.csv")
+    tracker.log_files(lambda p: artifacts.plot_loss_curve(state.history, p, f"{cfg.model.name} loss"), "loss_curve.png")
+    if cfg.tracking.log_model:
+        _log_model(cfg, tokenizer, model)
+
+
+def _log_model(cfg, tokenizer, model) -> None:
+    import mlflow
+
+    from phitune.modeling.loader import base_reference
+    from phitune.tracking.pyfunc_model import log_chat_model
+    from phitune.train.checkpoint import _unwrap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"
+        _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter))
+        mlflow.log_artifacts(str(adapter), "adapter")
+        ref = dict(base_reference(cfg.model), context_length=int(cfg.model.context_length), method=cfg.train.method)
+        log_chat_model(ref, adapter)
 
 
 def _log_datasets(cfg, splits) -> None:
@@ -255,7 +351,21 @@ def _log_datasets(cfg, splits) -> None:
         mlflow.log_input(ds, context=context)
 
 
-def _evaluate_at_end(cfg, tracker) -> None:
-    from phitune.evaluation.run import evaluate_run
+def _closing_block(cfg, tracker, objective) -> None:
+    """Where the run went and what to do next, on stderr after the run has ended."""
+    from phitune.models.uri import DEFAULT_TRACKING_URI
 
-    evaluate_run(cfg, tracker.run_id)
+    uri = redact_text(str(cfg.tracking.uri))
+    store = "" if cfg.tracking.uri == DEFAULT_TRACKING_URI else f" --tracking-uri {uri}"
+    lines = [f"run {tracker.run_id} {tracker.status}"
+             + (f" · objective (full_valid_loss) {objective:.4f}" if objective is not None else "")]
+    if tracker.experiment_id:
+        lines.append(f"  see it:  mlflow ui --backend-store-uri {uri}"
+                     f"  ->  http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}")
+    if tracker.status == "FINISHED" and cfg.tracking.log_model:
+        lines += [f"  model:   runs:/{tracker.run_id}/model",
+                  f"  next:    phitune promote --run {tracker.run_id} --name MODEL_NAME{store}",
+                  f"           phitune serve runs:/{tracker.run_id}/model{store}"]
+    elif tracker.status == "KILLED":
+        lines.append("  resume:  the same command with resume=true continues this run from its last epoch")
+    print("\n".join(lines), file=sys.stderr)

@@ -6,6 +6,5 @@ works without the `azure` extra until an Azure backend is chosen):
 
 - phitune.azure.submit.submit(cfg, overrides) -> None          (recipe, backend != local)
 - phitune.azure.sweep_job.submit_sweep(config, params, sweeper_cfg) (the Optuna sweeper)
-- phitune.azure.env.azure_run_context() -> dict | None         (tracking, inside a job)
 - phitune.azure.endpoint.undeploy_azure(record)                (`phitune undeploy`)
 """

@@ -13,7 +13,7 @@ The remote job runs the same entry point with the same overrides:
 - environment: a registered environment, or `image` + a conda file (phitune's
   src/phitune/azure/conda.yaml by default, with azureml-mlflow for tracking).
 - tracking: Azure ML opens an MLflow run for the job and sets
-  MLFLOW_TRACKING_URI / MLFLOW_RUN_ID; phitune.azure.env.azure_run_context()
+  MLFLOW_TRACKING_URI / MLFLOW_RUN_ID; phitune.tracking.context.azure_run_context()
   makes the remote trainer log into that run. Local-only tracking overrides
   (tracking.uri, tracking.artifact_root) are not forwarded.
 """

@@ -7,7 +7,7 @@ what Azure ML would refuse, and builds a SweepJob whose trials run
     python train.py <overrides> backend=local <path>=${{search_space.<name>}} ...
 
 Each trial is an Azure ML command job with its own MLflow run (see
-phitune.azure.env); Azure reads the primary metric `full_valid_loss` from it.
+phitune.tracking.context); Azure reads the primary metric `full_valid_loss` from it.
 
 Search space (Hydra-Optuna grammar -> azure.ai.ml.sweep):
 

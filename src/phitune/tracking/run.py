@@ -17,7 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from phitune import redact
-from phitune.train.loop import Callback
+from phitune.train.callbacks import Callback
 
 
 class Terminated(KeyboardInterrupt):
@@ -71,6 +71,7 @@ class TrackedRun(Callback):
         self.resume_run_id = resume_run_id
         self.tags = dict(tags or {})
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.status: str | None = None
         self._prev_handler = None
         self._secrets = redact.secret_values()
@@ -93,7 +94,7 @@ class TrackedRun(Callback):
                 self._logged = _last_steps(run.info.run_id)
             else:
                 run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name or self.cfg.get("run_name"), tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         try:
             self._prev_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:  # not the main thread (e.g. some launchers): no handler, still ended in __exit__
@@ -193,6 +194,6 @@ def _is_pruned(exc) -> bool:
 
 
 def _azure_context():
-    from phitune.azure.env import azure_run_context
+    from phitune.tracking.context import azure_run_context
 
     return azure_run_context()

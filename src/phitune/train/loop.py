@@ -17,18 +17,10 @@ from tqdm.auto import tqdm
 
 from phitune.data.pack import pack, plan_batches
 from phitune.train import checkpoint as ckpt
+from phitune.train.callbacks import Callback
 from phitune.train.distributed import Dist
 from phitune.train.schedule import BatchPlan
 from phitune.train.tokens import labelled_tokens, token_stats
-
-
-class Callback:
-    """Hooks the loop calls on the main process (tracking, sweep pruning)."""
-
-    def on_step(self, step: int, metrics: dict) -> None: ...
-    def on_evaluate(self, step: int, metrics: dict) -> None: ...
-    # checkpoint_dir: the epoch's checkpoint, written but not yet published (None when not saved)
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict, checkpoint_dir) -> None: ...
 
 
 @dataclass
@@ -52,6 +44,13 @@ class LoopSpec:
     keep_checkpoints: int = 3
     output_dir: str | None = None
     progress: bool = True
+
+    @classmethod
+    def from_config(cls, train_cfg, *, epochs: int, plan: BatchPlan, seed: int, output_dir: str | None) -> "LoopSpec":
+        """The loop's settings from the `train` config group; the rest are resolved by the recipe."""
+        shared = ("eval_steps", "max_steps", "max_grad_norm", "full_eval_each_epoch", "progress")
+        return cls(epochs=epochs, plan=plan, seed=seed, output_dir=output_dir,
+                   keep_checkpoints=train_cfg.keep_checkpoints, **{k: train_cfg[k] for k in shared})
 
 
 def steps_per_epoch(n_examples: int, plan: BatchPlan) -> int:

@@ -1,9 +1,9 @@
-"""phitune.azure.env.azure_run_context: reuse the MLflow run Azure ML opened for the job."""
+"""phitune.tracking.context.azure_run_context: reuse the MLflow run Azure ML opened for the job."""
 from __future__ import annotations
 
 import pytest
 
-from phitune.azure.env import azure_run_context
+from phitune.tracking.context import azure_run_context
 
 AZ_URI = "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/s/resourceGroups/rg/providers/" \
          "Microsoft.MachineLearningServices/workspaces/ws"
@@ -38,6 +38,6 @@ def test_importing_it_does_not_import_the_azure_sdk():
     import subprocess
     import sys
 
-    code = "import sys, phitune.azure.env; print('azure.ai.ml' in sys.modules)"
+    code = "import sys, phitune.tracking.context; print('azure.ai.ml' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

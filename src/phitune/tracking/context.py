@@ -1,4 +1,5 @@
-"""Am I running inside an Azure ML job? Cheap to import: no azure-ai-ml here.
+"""Am I running inside an Azure ML job? Cheap to import: no azure-ai-ml, no phitune.azure here
+(tracking and the pre-flight checks read it; the Azure backends only write the variables).
 
 Azure ML starts every command job (and every sweep trial) with an MLflow run
 already open for it and tells the process through the environment:
