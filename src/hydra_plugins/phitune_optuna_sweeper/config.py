@@ -1,7 +1,10 @@
-"""Registers the sweeper's settings as `hydra/sweeper: phitune_optuna` (fields: phitune.sweep.settings)."""
+"""Registers `hydra/sweeper: phitune_optuna` and the `hydra/sweeper/sampler` group
+(tpe, random, grid, cmaes, qmc, nsgaii, nsgaiii, gp); fields: phitune.sweep.settings."""
 from hydra.core.config_store import ConfigStore
 
-from phitune.sweep.settings import PhituneOptunaSweeperConf
+from phitune.sweep.settings import SAMPLER_GROUP, PhituneOptunaSweeperConf
 
-ConfigStore.instance().store(group="hydra/sweeper", name="phitune_optuna", node=PhituneOptunaSweeperConf,
-                             provider="phitune")
+_cs = ConfigStore.instance()
+_cs.store(group="hydra/sweeper", name="phitune_optuna", node=PhituneOptunaSweeperConf, provider="phitune")
+for _name, _node in SAMPLER_GROUP.items():
+    _cs.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="phitune")

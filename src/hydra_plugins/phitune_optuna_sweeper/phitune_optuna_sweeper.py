@@ -1,4 +1,4 @@
-"""The Sweeper Hydra instantiates for `python train.py -m`; the loop is phitune.sweep.driver."""
+"""The Sweeper Hydra instantiates for `python train.py -m` (or any app's -m); the loop is phitune.sweep.driver."""
 from __future__ import annotations
 
 import sys
@@ -23,10 +23,13 @@ class PhituneOptunaSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
+        from phitune.sweep.trial_hook import TrialTask
+
         self.config = config
         self.hydra_context = hydra_context
+        # Each job runs the app's function inside TrialTask (ends an MLflow run the job left active).
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=TrialTask(task_function), config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
         from phitune.errors import PhituneError

@@ -26,12 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from phitune import redact
 from phitune.errors import PhituneError
+from phitune.sweep import contract
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
 from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run
 from phitune.sweep.plan import SweepPlan, plan_sweep
 from phitune.sweep.progress import outcome_line, progress_line
+from phitune.sweep.settings import DEFAULT_STORAGE
 
 
 class SweepStopped(PhituneError):
@@ -68,10 +70,76 @@ def run_sweep(ctx: SweepContext, arguments: list[str]) -> list:
     if backend.sweep == "azure":
         return _submit_to_azure(ctx, plan)
 
-    if OmegaConf.select(ctx.config, "tracking.uri", default=None):
-        preflight.check_tracking(ctx.config.tracking)  # the parent run opens there before any trial
-    _validate(ctx, plan)
-    return Sweep(ctx, plan).run()
+    phitune_app = contract.has_trial_nodes(ctx.config)
+    tracking = sweep_tracking(ctx, phitune_app)
+    preflight.check_tracking(tracking)  # the parent run opens there before any trial
+    configure = custom_search_space(s.get("custom_search_space"))
+    contract.declare_env(ctx.config, phitune_app, str(tracking.uri))
+    _validate(ctx, plan, phitune_app, configure)
+    return Sweep(ctx, plan, phitune_app, tracking, configure).run()
+
+
+def sweep_tracking(ctx: SweepContext, phitune_app: bool) -> DictConfig:
+    """Where the parent run and the trials' runs go: phitune's train.py has its `tracking` node;
+    any other app hydra.sweeper.tracking, else $MLFLOW_TRACKING_URI, else phitune's default store."""
+    import os
+
+    from phitune.models.uri import tracking_uri
+
+    own = ctx.settings.get("tracking") or {}
+    if phitune_app:
+        if own.get("uri") and own.get("uri") != ctx.config.tracking.uri:
+            raise PhituneError("hydra.sweeper.tracking.uri is for apps without a `tracking` node; this app has one: "
+                               "set tracking.uri instead")
+        return ctx.config.tracking
+    # Absolute: jobs may run in another folder (hydra.job.chdir=true).
+    uri = st.absolute_storage_url(tracking_uri(own.get("uri")))
+    experiment = (own.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                  or OmegaConf.select(ctx.config, "hydra.job.name", default=None) or "sweep")
+    return OmegaConf.create({"uri": uri, "experiment": str(experiment), "artifact_root": None})
+
+
+def custom_search_space(dotpath: str | None) -> Callable | None:
+    """hydra.sweeper.custom_search_space: a dotpath to `configure(cfg, trial)` (a module next to
+    the app's script, as Hydra's own dotpaths)."""
+    if not dotpath:
+        return None
+    from hydra.utils import get_method
+
+    try:
+        return get_method(str(dotpath))
+    except Exception as exc:
+        raise PhituneError(f"hydra.sweeper.custom_search_space={dotpath}: cannot import it "
+                           f"({' '.join(str(exc).split())[:300]})") from None
+
+
+def parse_directions(direction) -> list[str]:
+    """`minimize`, `maximize`, or a list of them (one per objective the job returns)."""
+    from omegaconf import ListConfig
+
+    many = isinstance(direction, (list, tuple, ListConfig))
+    out = [str(getattr(d, "name", d)).strip().lower() for d in (direction if many else [direction])]
+    if not out or any(d not in ("minimize", "maximize") for d in out):
+        shown = (OmegaConf.to_container(direction) if isinstance(direction, ListConfig) else list(direction)) if many \
+            else direction
+        raise PhituneError(f"hydra.sweeper.direction={shown!r}: "
+                           "expected minimize or maximize, or a list of them (one per objective)")
+    return out
+
+
+def objective_values(result, n: int) -> tuple[list[float] | None, str | None]:
+    """The job's return value as n floats, or why it is not: (values, None) or (None, error)."""
+    try:
+        values = [float(result)] if n == 1 else [float(v) for v in result]
+    except (TypeError, ValueError):
+        want = "a number" if n == 1 else f"a sequence of {n} numbers (hydra.sweeper.direction has {n})"
+        return None, f"the job returned {result!r}, not {want}"
+    if len(values) != n:
+        return None, f"the job returned {len(values)} values; hydra.sweeper.direction has {n}"
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        return None, f"the objective is {bad[0]} (training diverged?)"
+    return values, None
 
 
 def _submit_to_azure(ctx: SweepContext, plan: SweepPlan):
@@ -88,44 +156,67 @@ def _submit_to_azure(ctx: SweepContext, plan: SweepPlan):
     return submit_sweep(task_cfg, dict(plan.space_text), ctx.settings, overrides=list(plan.fixed))
 
 
-def _validate(ctx: SweepContext, plan: SweepPlan) -> None:
+def _validate(ctx: SweepContext, plan: SweepPlan, phitune_app: bool, configure: Callable | None) -> None:
     """Compose one trial's overrides before anything is created, so a misspelt
     parameter fails now with Hydra's message, not as N failed trials."""
     sample = list(plan.fixed)
     for name, dist in plan.space.items():
         sample.append(f"{plan.launch_keys[name]}={sp.format_value(_some_value(dist))}")
-    sample += _trial_overrides("sqlite:///:memory:", "validate", 0, "0" * 32)
+    for name, value in _custom_sample(ctx, plan, configure).items():
+        sample.append(f"{name}={sp.format_value(value)}")
+    sample += contract.trial_overrides(phitune_app, "sqlite:///:memory:", "validate", 0, "0" * 32)
     try:
         ctx.validate([sample])
     except Exception as exc:  # ConfigCompositionException, missing keys, bad types...
         raise PhituneError(f"the sweep's overrides do not fit the config: {' '.join(str(exc).split())}") from None
 
 
+def _custom_sample(ctx: SweepContext, plan: SweepPlan, configure: Callable | None) -> dict:
+    """What custom_search_space adds to one trial, tried on a throwaway in-memory study."""
+    if configure is None:
+        return {}
+    import optuna
+
+    st.quiet_optuna()
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    for name, dist in plan.space.items():
+        sp.suggest(trial, name, dist)
+    try:
+        configure(ctx.config, trial)
+    except Exception as exc:
+        raise PhituneError(f"hydra.sweeper.custom_search_space={ctx.settings.custom_search_space} failed on a sample "
+                           f"trial: {type(exc).__name__}: {exc}") from None
+    return {k: v for k, v in trial.params.items() if k not in plan.space}
+
+
 def _some_value(dist):
     return dist.choices[0] if hasattr(dist, "choices") else dist.low
 
 
-def _trial_overrides(storage: str, study_name: str, number: int, parent_run_id: str) -> list[str]:
-    """The contract with the job: where its trial lives and which MLflow run is its parent."""
-    return [sp.override("trial.storage", storage), sp.override("trial.study_name", study_name),
-            f"trial.number={int(number)}", sp.override("tracking.parent_run_id", parent_run_id)]
-
-
 class Sweep:
-    def __init__(self, ctx: SweepContext, plan: SweepPlan):
+    def __init__(self, ctx: SweepContext, plan: SweepPlan, phitune_app: bool = True, tracking: DictConfig | None = None,
+                 configure: Callable | None = None):
         self.ctx, self.plan, self.s = ctx, plan, ctx.settings
-        self.metric = str(self.s.metric)
+        self.phitune_app, self.configure = phitune_app, configure
+        self.tracking = tracking if tracking is not None else ctx.config.tracking
+        self.directions = parse_directions(self.s.direction)
+        self.metric = str(self.s.get("metric") or ("full_valid_loss" if phitune_app else "objective"))
         self.sweep_dir = Path(str(ctx.config.hydra.sweep.dir))
         self.sweep_name = str(OmegaConf.select(ctx.config, "hydra.runtime.choices.sweep", default=None) or "sweep")
         experiment = str(OmegaConf.select(ctx.config, "tracking.experiment", default=None) or "phitune")
-        self.study_name = str(self.s.study_name or f"{experiment}-{self.sweep_name}")
-        if not self.s.storage:
-            raise PhituneError("hydra.sweeper.storage must be a database URL (e.g. sqlite:///mlruns/optuna.db): "
-                               "each job reaches its trial through it")
-        if ":memory:" in str(self.s.storage):
+        default_name = (f"{experiment}-{self.sweep_name}" if phitune_app else
+                        str(OmegaConf.select(ctx.config, "hydra.job.name", default=None) or "sweep"))
+        self.study_name = str(self.s.study_name or default_name)
+        storage = self.s.storage
+        if not storage:  # the Hydra Optuna sweeper's in-memory study: here a file, so that a re-run resumes
+            storage = DEFAULT_STORAGE
+            print(f"note: hydra.sweeper.storage is null: study {self.study_name!r} is kept in "
+                  f"{st.absolute_storage_url(storage)}, so re-running this command resumes it "
+                  "(set hydra.sweeper.storage to use another database)", file=sys.stderr)
+        if ":memory:" in str(storage):
             raise PhituneError("hydra.sweeper.storage: an in-memory database cannot be shared with the jobs; "
                                "use a file (sqlite:///mlruns/optuna.db) or a database server")
-        self.url = st.absolute_storage_url(str(self.s.storage))
+        self.url = st.absolute_storage_url(str(storage))
         self.job_storage = st.job_storage_ref(self.url)  # `env:NAME` if the URL has a password
         self.pruner_spec = st.pruner_spec(self.s.pruner)
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
@@ -134,12 +225,13 @@ class Sweep:
         self.n_trials = int(self.s.n_trials)
         if self.n_trials < 1:
             raise PhituneError(f"hydra.sweeper.n_trials={self.n_trials}: expected 1 or more")
-        if str(self.s.sampler.name).lower() == "grid":
+        sampler = st.sampler_choice(self.s.sampler)
+        if sampler.name == "grid":
             size = st.grid_size(plan.space)
             if size < self.n_trials:
                 print(f"sweep: the grid has {size} points; n_trials {self.n_trials} -> {size}")
                 self.n_trials = size
-        self.per_trial_seed = str(self.s.sampler.name).lower() in ("tpe", "random") and self.s.sampler.seed is not None
+        self.per_trial_seed = sampler.name in ("tpe", "random") and sampler.kwargs.get("seed") is not None
         self.job_idx = 0
         self.returns: list = []
         self.in_flight: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -154,19 +246,18 @@ class Sweep:
         self.retry = retry
         sampler = st.make_sampler(self.s.sampler, self.plan.space)
         pruner = st.build_pruner(self.pruner_spec)
-        direction = str(self.s.direction).lower()
-        if direction not in ("minimize", "maximize"):
-            raise PhituneError(f"hydra.sweeper.direction={self.s.direction!r}: expected minimize or maximize")
         try:
-            study = optuna.create_study(storage=self.storage, study_name=self.study_name, direction=direction,
+            study = optuna.create_study(storage=self.storage, study_name=self.study_name, directions=self.directions,
                                         sampler=sampler, pruner=pruner)
             created = True
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=self.study_name, storage=self.storage, sampler=sampler, pruner=pruner)
             created = False
-            if study.direction.name.lower() != direction:
-                raise PhituneError(f"study {self.study_name!r} was created to {study.direction.name.lower()}, "
-                                   f"not {direction}: set hydra.sweeper.study_name to start a new study") from None
+            was = [d.name.lower() for d in study.directions]
+            if was != self.directions:
+                raise PhituneError(f"study {self.study_name!r} was created to {' and '.join(was)}, "
+                                   f"not {' and '.join(self.directions)}: set hydra.sweeper.study_name to start "
+                                   "a new study") from None
         # Current settings win on resume; jobs rebuild the pruner from this attr.
         study.set_user_attr(st.PRUNER_ATTR, self.pruner_spec)
         study.set_user_attr(st.SPACE_ATTR, dict(self.plan.space_text))
@@ -176,10 +267,10 @@ class Sweep:
         return created
 
     def _open_parent(self, created: bool) -> None:
-        tracking = self.ctx.config.tracking
-        self.parent = ParentRun.open(tracking, self.study, self.sweep_name, created)
+        self.parent = ParentRun.open(self.tracking, self.study, self.sweep_name, created)
         self.parent.log_params({
-            "study_name": self.study_name, "storage": st.display_url(self.url), "direction": str(self.s.direction),
+            "study_name": self.study_name, "storage": st.display_url(self.url),
+            "direction": self.directions[0] if len(self.directions) == 1 else ",".join(self.directions),
             "n_trials": self.n_trials, "sampler": st.describe_sampler(self.s.sampler),
             "pruner": st.describe_pruner(self.pruner_spec), "metric": self.metric,
             "search_space": sp.describe(self.plan.space_text),
@@ -308,13 +399,28 @@ class Sweep:
             self._tell(trial, optuna.trial.TrialState.FAIL)
             print(outcome_line(trial.number, "failed", error=f"search space changed since it was enqueued: {exc}"))
             return None
+        if self.configure is not None:
+            try:
+                self.configure(self.ctx.config, trial)
+            except Exception as exc:
+                error = f"hydra.sweeper.custom_search_space={self.s.custom_search_space}: {type(exc).__name__}: {exc}"
+                trial.set_user_attr(st.ERROR_ATTR, error[:2000])
+                self._tell(trial, optuna.trial.TrialState.FAIL)
+                raise SweepStopped(error) from None
         return trial
 
     def _overrides(self, trial) -> list[str]:
         ov = list(self.plan.fixed)
-        for name in self.plan.space:
-            ov.append(f"{self.plan.launch_keys[name]}={sp.format_value(trial.params[name])}")
-        return ov + _trial_overrides(self.job_storage, self.study_name, trial.number, self.parent.run_id)
+        # custom_search_space's params after the space's; their name is their override key (`+w`).
+        names = list(self.plan.space) + [n for n in trial.params if n not in self.plan.space]
+        for name in names:
+            ov.append(f"{self.plan.launch_keys.get(name, name)}={sp.format_value(trial.params[name])}")
+        mlflow_env = None
+        if not self.phitune_app:  # its child run, opened here; phitune's train.py opens its own
+            child = self.parent.start_child(trial.number, self.study_name, trial.params)
+            mlflow_env = contract.mlflow_env(str(self.tracking.uri), self.parent.experiment_id, child)
+        return ov + contract.trial_overrides(self.phitune_app, self.job_storage, self.study_name, trial.number,
+                                             self.parent.run_id, mlflow_env)
 
     def _launch(self, batch: list) -> None:
         numbers = [t.number for t in batch]
@@ -338,18 +444,17 @@ class Sweep:
         import optuna
         from hydra.core.utils import JobStatus
 
+        from phitune.sweep.trial_hook import PRUNED_AT_ATTR
+
         state, value, error = optuna.trial.TrialState.FAIL, None, None
         result = ret._return_value  # JobReturn.return_value re-raises a job's exception
         if ret.status == JobStatus.COMPLETED:
-            try:
-                value = float(result)
-            except (TypeError, ValueError):
-                error = f"the job returned {result!r}, not a number"
-            else:
-                if math.isfinite(value):
-                    state = optuna.trial.TrialState.COMPLETE
-                else:
-                    error, value = f"the objective is {value} (training diverged?)", None
+            values, error = objective_values(result, len(self.directions))
+            if values is not None and PRUNED_AT_ATTR in self._frozen(trial.number).user_attrs:
+                state = optuna.trial.TrialState.PRUNED  # report(..., raise_pruned=False) said stop; the job did
+            elif values is not None:
+                state = optuna.trial.TrialState.COMPLETE
+                value = values[0] if len(values) == 1 else values
         elif _is_pruned(result):
             state = optuna.trial.TrialState.PRUNED
         else:
@@ -365,12 +470,21 @@ class Sweep:
             pass  # another worker already failed it as stale
         self._tell(trial, state, value)
         label = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(state, "failed")
+        if not self.phitune_app and value is not None:
+            self.parent.log_objective(child, self._metric_names(), value if isinstance(value, list) else [value])
         self.parent.mark_child(child, label)
         frozen = self._frozen(trial.number)
         shown = frozen.value if label == "pruned" else value  # a pruned trial's value: its last report
         print(outcome_line(trial.number, label, shown, error, self.metric, frozen.last_step))
         counts = self._counts()
-        print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study)), flush=True)
+        print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study), self._pareto_size()), flush=True)
+
+    def _metric_names(self) -> list[str]:
+        n = len(self.directions)
+        return [self.metric] if n == 1 else [f"{self.metric}_{i}" for i in range(n)]
+
+    def _pareto_size(self) -> int | None:
+        return len(self.study.best_trials) if len(self.directions) > 1 else None
 
     def _tell(self, trial, state, value=None) -> None:
         try:
@@ -417,7 +531,7 @@ class Sweep:
             pass
 
     def _finish(self, stop_reason: str | None, status: str) -> None:
-        from phitune.sweep.report import log_to_parent, write_results
+        from phitune.sweep.results import log_to_parent, write_results
 
         from optuna.trial import TrialState
 
@@ -438,6 +552,9 @@ class Sweep:
         if best is not None:
             params = " ".join(sp.override(k, v) for k, v in best.params.items())
             print(f"sweep {self.study_name}: best {self.metric} {best.value:.4g} (trial {best.number}): {params}")
+        elif len(self.directions) > 1:
+            front = sorted(t.number for t in self.study.best_trials)
+            print(f"sweep {self.study_name}: {len(front)} Pareto solution(s), trials {', '.join(map(str, front)) or '-'}")
         print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
 
 

@@ -24,6 +24,11 @@ CREATOR_WAIT_S = 60
 MAX_PARAM_CHARS = 6000
 
 
+def mlflow_key(name: str) -> str:
+    """A param or tag name as MLflow allows it: `+w` -> `_w` (alphanumerics, _ - . space / : only)."""
+    return re.sub(r"[^\w\-. /:]", "_", str(name))
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -89,7 +94,7 @@ class ParentRun:
         """Params are immutable in MLflow: a resumed sweep adds new keys and keeps the first values."""
         existing = self.client.get_run(self.run_id).data.params
         for key, value in redact.redact_mapping(params).items():
-            key = re.sub(r"[^\w\-. /:]", "_", key)  # MLflow's allowed characters (e.g. no '@')
+            key = mlflow_key(key)  # e.g. no '@'
             text = "" if value is None else str(value)[:MAX_PARAM_CHARS]
             if key not in existing:
                 self.client.log_param(self.run_id, key, text)
@@ -105,6 +110,23 @@ class ParentRun:
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{TRIAL_TAG}` = '{number}'",
             max_results=5, order_by=["attributes.start_time DESC"])
         return runs[0] if runs else None
+
+    def start_child(self, number: int, study_name: str, params: dict) -> str:
+        """A trial's child run opened for an app that does not open one itself (no phitune
+        `tracking` node): the job's own mlflow.start_run() resumes it through MLFLOW_RUN_ID."""
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
+            "mlflow.parentRunId": self.run_id, TRIAL_TAG: str(number), STUDY_TAG: study_name})
+        for key, value in redact.redact_mapping(dict(params)).items():
+            self.client.log_param(run.info.run_id, mlflow_key(key), str(value)[:MAX_PARAM_CHARS])
+        return run.info.run_id
+
+    def log_objective(self, run, names: list[str], values: list[float]) -> None:
+        """The trial's objective on its child run, unless the job logged a metric of that name."""
+        if run is None:
+            return
+        for name, value in zip(names, values):
+            if name not in run.data.metrics:
+                self.client.log_metric(run.info.run_id, name, float(value))
 
     def mark_child(self, run, state: str) -> None:
         """Tag the trial's run with its state if the job did not, and end a run the job left RUNNING."""

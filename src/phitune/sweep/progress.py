@@ -4,13 +4,17 @@
 
 `7` counts the study's finished trials (all workers, all invocations), not this
 process's; the best is over COMPLETE trials only (a pruned trial's last report is
-not a final value).
+not a final value). With several objectives the best is a front:
+
+    trial 7/20 · 3 Pareto solutions · 0 pruned · 1 failed
 """
 from __future__ import annotations
 
 
-def progress_line(counts, n_trials: int, metric: str, best) -> str:
-    if best is not None:
+def progress_line(counts, n_trials: int, metric: str, best, pareto: int | None = None) -> str:
+    if pareto is not None:
+        best_part = f"{pareto} Pareto solution{'s' if pareto != 1 else ''}"
+    elif best is not None:
         best_part = f"best {metric} {best.value:.4g} (trial {best.number})"
     else:
         best_part = f"best {metric} - (no complete trial yet)"
@@ -23,6 +27,8 @@ def outcome_line(number: int, state: str, value: float | None = None, error: str
 
     A pruned trial's value is its last report (the job's valid_loss at `step`), not `metric`.
     """
+    if state == "complete" and isinstance(value, (list, tuple)):
+        return f"  trial {number} complete: {metric} [{', '.join(f'{v:.4g}' for v in value)}]"
     if state == "complete":
         return f"  trial {number} complete: {metric} {value:.4g}"
     if state == "pruned":

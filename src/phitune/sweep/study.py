@@ -143,42 +143,122 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
 # -- samplers and pruners --------------------------------------------------------------------
 
-SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
+# Sampler names (phitune's `sampler.name`, the `hydra/sweeper/sampler` options) -> Optuna classes.
+SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
+                   "qmc": "QMCSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "gp": "GPSampler"}
+SAMPLERS = tuple(SAMPLER_CLASSES)
 PRUNERS = ("median", "successive_halving", "hyperband", "threshold", "none")
+# What `sampler.name: X` passes when the node is another sampler's (phitune's sweeps/*.yaml name
+# their sampler on the default TPE node): these arguments, the node's value where it has one.
+_NAMED_ARGS = {"tpe": {"seed": None, "n_startup_trials": 10, "multivariate": False, "constant_liar": False},
+               "cmaes": {"seed": None, "n_startup_trials": 10},
+               "qmc": {"seed": None, "scramble": True}}
+_NEEDS = {"cmaes": ("cmaes", "pip install cmaes"), "qmc": ("scipy", "pip install scipy"),
+          "gp": ("scipy", "pip install scipy")}
+_OWN_KEYS = ("_target_", "name", "_partial_")
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    name: str  # tpe, random, ... or the class name of another optuna.samplers.X
+    cls: str  # optuna.samplers.X
+    kwargs: dict  # its arguments, seed included
+
+
+def sampler_choice(conf) -> SamplerChoice:
+    """hydra.sweeper.sampler -> which Optuna sampler, with which arguments.
+
+    `_target_` (the `hydra/sweeper/sampler` option, tpe by default) and phitune's `name` both
+    pick one. `name` over the default TPE node picks another sampler (sweeps/*.yaml do that);
+    a `name` that contradicts a node chosen otherwise is refused rather than guessed.
+    """
+    target = _get(conf, "_target_")
+    target_name = _sampler_name(str(target)) if target else None
+    name = str(_get(conf, "name") or "").strip().lower() or None
+    if name is not None and name not in SAMPLER_CLASSES:
+        raise PhituneError(f"hydra.sweeper.sampler.name={name!r}: expected one of {', '.join(SAMPLERS)}")
+    if name is not None and target_name not in (None, name, "tpe"):
+        raise PhituneError(f"hydra.sweeper.sampler: name={name} and _target_={target} are two different samplers; "
+                           f"keep one (hydra/sweeper/sampler={name}, or hydra.sweeper.sampler.name={target_name})")
+    chosen = name or target_name or "tpe"
+    cls = f"optuna.samplers.{SAMPLER_CLASSES[chosen]}" if chosen in SAMPLER_CLASSES else str(target)
+    values = {k: v for k, v in _plain(conf).items() if k not in _OWN_KEYS}
+    if chosen == target_name or target_name is None and name is None:
+        kwargs = values  # the node is this sampler's own: all of its arguments
+    else:
+        kwargs = {k: values.get(k, default) for k, default in _NAMED_ARGS.get(chosen, {"seed": None}).items()}
+    # A node retargeted by hand (_target_=...RandomSampler on the TPE node) keeps TPE's fields: drop them.
+    accepted = _arguments(cls)
+    return SamplerChoice(chosen, cls, {k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _arguments(cls_path: str) -> set[str]:
+    import inspect
+
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(cls_path)
+    except Exception:
+        raise PhituneError(f"hydra.sweeper.sampler._target_={cls_path}: no such sampler in this Optuna") from None
+    return set(inspect.signature(cls).parameters)
+
+
+def _sampler_name(target: str) -> str:
+    if not target.startswith("optuna.samplers."):
+        raise PhituneError(f"hydra.sweeper.sampler._target_={target}: expected one of Optuna's samplers "
+                           "(optuna.samplers.TPESampler, optuna.samplers.RandomSampler, ...)")
+    cls = target.rsplit(".", 1)[-1]
+    return next((k for k, v in SAMPLER_CLASSES.items() if v == cls), cls)
+
+
+def _get(conf, key: str):
+    return conf.get(key) if hasattr(conf, "get") else getattr(conf, key, None)
+
+
+def _plain(conf) -> dict:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(conf):
+        return OmegaConf.to_container(conf, resolve=True)
+    return dict(conf)
 
 
 def make_sampler(conf, space: dict[str, "BaseDistribution"], trial_number: int | None = None):
     """The sampler for one trial. tpe/random are stateless besides their RNG, so trial N
     gets seed + N: a resumed or second worker does not replay earlier random draws."""
-    import optuna
+    from hydra.utils import get_class
 
-    quiet_optuna()  # QMC and others are flagged experimental
-    name = str(conf.name).lower()
-    seed = conf.seed
-    if seed is not None and trial_number is not None and name in ("tpe", "random"):
-        seed = int(seed) + int(trial_number)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(conf.n_startup_trials),
-                                          multivariate=bool(conf.multivariate), constant_liar=bool(conf.constant_liar))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "grid":
+    quiet_optuna()  # QMC, GP and others are flagged experimental
+    choice = sampler_choice(conf)
+    module, hint = _NEEDS.get(choice.name, (None, None))
+    if module is not None:
+        try:
+            __import__(module)
+        except ImportError:
+            raise PhituneError(f"sampler {choice.name} needs the `{module}` package: {hint}") from None
+    cls = get_class(choice.cls)
+    kwargs = {k: _built(v) for k, v in choice.kwargs.items()}
+    seed = kwargs.get("seed")
+    if seed is not None and trial_number is not None and choice.name in ("tpe", "random"):
+        kwargs["seed"] = int(seed) + int(trial_number)
+    if "search_space" in _arguments(choice.cls):  # the grid: every value of each parameter
         from phitune.sweep.space import grid_values
 
-        return optuna.samplers.GridSampler({k: grid_values(k, d) for k, d in space.items()}, seed=seed)
-    if name == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise PhituneError("sampler cmaes needs the `cmaes` package: pip install cmaes") from None
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=int(conf.n_startup_trials))
-    if name == "qmc":
-        try:
-            import scipy  # noqa: F401
-        except ImportError:
-            raise PhituneError("sampler qmc needs scipy: pip install scipy") from None
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    raise PhituneError(f"hydra.sweeper.sampler.name={name!r}: expected one of {', '.join(SAMPLERS)}")
+        kwargs["search_space"] = {k: grid_values(k, d) for k, d in space.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PhituneError(f"hydra.sweeper.sampler ({choice.cls}): {exc}") from None
+
+
+def _built(value):
+    """An argument given as a `_target_` node (gamma, mutation, independent_sampler...) -> the object."""
+    from hydra.utils import instantiate
+
+    if isinstance(value, dict) and "_target_" in value:
+        return instantiate(value)
+    return value
 
 
 def grid_size(space: dict[str, "BaseDistribution"]) -> int:
@@ -233,11 +313,13 @@ def build_pruner(spec: dict | None):
 
 
 def describe_sampler(conf) -> str:
-    name = str(conf.name).lower()
-    extra = f"seed={conf.seed}" if conf.seed is not None else "seed=none"
-    if name in ("tpe", "cmaes"):
-        extra += f", n_startup_trials={conf.n_startup_trials}"
-    return f"{name}({extra})"
+    """`tpe(seed=42, n_startup_trials=5)`: the sampler and the arguments that matter most."""
+    choice = sampler_choice(conf)
+    seed = choice.kwargs.get("seed")
+    extra = f"seed={seed}" if seed is not None else "seed=none"
+    if "n_startup_trials" in choice.kwargs:
+        extra += f", n_startup_trials={choice.kwargs['n_startup_trials']}"
+    return f"{choice.name}({extra})"
 
 
 def describe_pruner(spec: dict) -> str:
@@ -364,7 +446,9 @@ def slot_of(trials, number: int) -> int:
 
 
 def best_trial(study):
-    """The best COMPLETE trial, or None."""
+    """The best COMPLETE trial, or None (also for several objectives: see results.pareto_front)."""
+    if len(study.directions) > 1:
+        return None
     try:
         return study.best_trial
     except ValueError:

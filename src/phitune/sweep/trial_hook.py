@@ -1,9 +1,15 @@
-"""What a training job calls to talk to its Optuna trial, wherever it runs.
+"""What a job calls to talk to its Optuna trial, wherever it runs.
 
-The sweeper passes `trial.storage`, `trial.study_name` and `trial.number`; the job
-opens the study's storage itself, so this works in the sweeper's process (basic
-launcher), in joblib's worker processes and on other machines sharing a PostgreSQL
-or MySQL storage. The pruner is rebuilt from the spec the sweeper stored on the study.
+The job opens the study's storage itself, so this works in the sweeper's process (basic
+launcher), in joblib's worker processes and on other machines sharing a PostgreSQL or
+MySQL storage. The pruner is rebuilt from the spec the sweeper stored on the study.
+
+Any Hydra app, two lines (the trial comes from the environment, phitune.sweep.contract):
+
+    from phitune.sweep import report
+    report(val_loss, step)                 # may raise optuna.TrialPruned; no-op outside a sweep
+
+phitune's train.py, with its `trial` node:
 
     reporter = TrialReporter.from_config(cfg.trial)   # None outside a sweep
     ...
@@ -14,7 +20,14 @@ or MySQL storage. The pruner is rebuilt from the spec the sweeper stored on the 
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 from phitune.errors import PhituneError
+
+# User attr: the step at which report(..., raise_pruned=False) said stop; the sweeper records
+# the trial PRUNED even though its job returned normally.
+PRUNED_AT_ATTR = "phitune.pruned_at"
 
 
 class TrialReporter:
@@ -63,17 +76,27 @@ class TrialReporter:
         """Count training tokens (written to the trial at each report and at finish)."""
         self._tokens += int(n)
 
-    def report(self, value: float, step: int) -> None:
-        """Record an intermediate value (valid_loss) at `step`; raise optuna.TrialPruned when the pruner says so."""
+    def report(self, value: float, step: int, raise_pruned: bool = True) -> bool:
+        """Record an intermediate value (valid_loss) at `step`. When the pruner says stop: raise
+        optuna.TrialPruned, or with raise_pruned=False return True (the job then ends early and the
+        trial is recorded PRUNED all the same). A multi-objective study cannot prune (Optuna):
+        the values are not recorded and this returns False."""
         import optuna
 
+        if len(self.study.directions) > 1:
+            _say_once("note: phitune.sweep.report: a multi-objective study is not pruned; reports are ignored")
+            return False
         self._flush()
         try:
             self.trial.report(float(value), int(step))
+            stop = self.trial.should_prune()
+            if stop and not raise_pruned:
+                self.trial.set_user_attr(PRUNED_AT_ATTR, int(step))
         except optuna.exceptions.UpdateFinishedTrialError:
             raise self._finished_elsewhere() from None
-        if self.trial.should_prune():
+        if stop and raise_pruned:
             raise optuna.TrialPruned(f"trial {self.number} pruned at step {step} ({value:.4g})")
+        return stop
 
     def finish(self) -> None:
         """Write the user attrs (train_tokens) a last time."""
@@ -110,3 +133,78 @@ def _storage(url: str):
         _STORAGES[url] = open_storage(url)
     return _STORAGES[url]
 
+
+
+# -- any app: the trial from the environment -------------------------------------------------
+
+_CURRENT: dict = {}  # (storage, study, number) -> TrialReporter, for this process's running job
+_SAID: set = set()
+
+
+def current_trial() -> "TrialReporter | None":
+    """This job's trial, from the variables the sweeper sets (phitune.sweep.contract); None outside a sweep."""
+    from phitune.sweep.contract import from_env
+
+    ident = from_env()
+    if ident is None:
+        return None
+    key = (ident["storage"], ident["study_name"], ident["number"])
+    if key not in _CURRENT:
+        _CURRENT.clear()  # one job at a time per process: the previous job's trial is over
+        _CURRENT[key] = TrialReporter.from_config(ident)
+    return _CURRENT[key]
+
+
+def report(value: float, step: int, *, raise_pruned: bool = True) -> bool:
+    """Report an intermediate value of the objective at `step` (an epoch, an evaluation) to this
+    job's trial; the pruner may then stop it: optuna.TrialPruned is raised (or, with
+    raise_pruned=False, True returned). Outside a sweep it does nothing and returns False."""
+    reporter = current_trial()
+    return False if reporter is None else reporter.report(value, step, raise_pruned=raise_pruned)
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
+
+
+class TrialTask:
+    """The app's task function as the sweeper launches it (picklable for joblib's workers).
+
+    A job that leaves an MLflow run active (mlflow.log_metric without start_run does) would make
+    the next job in the same process (basic launcher, a reused joblib worker) log into that run:
+    it is ended here, as the job ended. mlflow.start_run() deletes MLFLOW_RUN_ID once it has used
+    it, and Hydra's restoring of hydra.job.env_set then fails on the missing key: the job's
+    variables are put back first."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, cfg):
+        import os
+
+        from phitune.sweep.contract import JOB_VARS
+
+        env = {k: os.environ[k] for k in JOB_VARS if k in os.environ}
+        status = "FINISHED"
+        try:
+            return self.fn(cfg)
+        except BaseException as exc:
+            status = ("FINISHED" if type(exc).__name__ == "TrialPruned" else
+                      "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            _end_active_run(status)  # MLflow unsets MLFLOW_RUN_ID here too
+            _CURRENT.clear()
+            os.environ.update(env)
+
+
+def _end_active_run(status: str) -> None:
+    if "mlflow" not in sys.modules:
+        return
+    import mlflow
+
+    while mlflow.active_run() is not None:  # nested runs end one by one
+        mlflow.end_run(status=status)

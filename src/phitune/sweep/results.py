@@ -27,7 +27,8 @@ def trials_table(study) -> list[dict]:
         rows.append({
             "number": t.number,
             "state": t.state.name,
-            "value": t.value,
+            **({"value": t.value} if len(study.directions) == 1 else
+               {f"values_{i}": v for i, v in enumerate(t.values or [None] * len(study.directions))}),
             **{f"params.{k}": v for k, v in t.params.items()},
             "last_step": t.last_step,
             "train_tokens": t.user_attrs.get(TOKENS_ATTR),
@@ -55,14 +56,23 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def results_dict(study) -> dict:
-    """optimization_results.yaml, with the Hydra Optuna sweeper's keys first."""
+    """optimization_results.yaml, with the Hydra Optuna sweeper's keys first: `name`, then
+    `best_params` and `best_value`, or for several objectives `solutions` (the Pareto front,
+    each with its `params` and `values`)."""
+    if len(study.directions) > 1:
+        return {"name": "optuna", "solutions": pareto_front(study), "study_name": study.study_name}
     best = best_trial(study)
-    out = {"name": "optuna",
-           "best_params": dict(best.params) if best else {},
-           "best_value": float(best.value) if best else None,
-           "study_name": study.study_name,
-           "best_trial": best.number if best else None}
-    return out
+    return {"name": "optuna",
+            "best_params": dict(best.params) if best else {},
+            "best_value": float(best.value) if best else None,
+            "study_name": study.study_name,
+            "best_trial": best.number if best else None}
+
+
+def pareto_front(study) -> list[dict]:
+    """The COMPLETE trials that no other trial dominates, by trial number."""
+    return [{"params": dict(t.params), "values": [float(v) for v in t.values], "number": t.number}
+            for t in sorted(study.best_trials, key=lambda t: t.number)]
 
 
 def write_results(study, sweep_dir: Path, counts, n_trials: int, stop_reason: str | None) -> Path:
@@ -81,10 +91,11 @@ def write_results(study, sweep_dir: Path, counts, n_trials: int, stop_reason: st
 def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bool) -> dict[str, str]:
     """Best value/params, the trials table, results YAML and plots on the parent run.
     Returns {plot: why skipped}."""
+    from phitune.sweep.parent import mlflow_key
     from phitune.sweep.plots import save_plots
 
     client, run_id = parent.client, parent.run_id
-    best = best_trial(study)
+    best = best_trial(study)  # None for several objectives: their best is a front
     step = counts.finished
     client.log_metric(run_id, "n_complete", counts.complete, step=step)
     client.log_metric(run_id, "n_pruned", counts.pruned, step=step)
@@ -95,9 +106,13 @@ def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bo
         client.log_metric(run_id, f"best_{metric}", float(best.value), step=step)
         client.set_tag(run_id, "phitune.best_trial", str(best.number))
         for k, v in best.params.items():
-            client.set_tag(run_id, f"best.{k}", str(v))
+            client.set_tag(run_id, mlflow_key(f"best.{k}"), str(v))
         client.log_dict(run_id, {"best_trial": best.number, "best_value": best.value, "best_params": best.params},
                         "best_params.json")
+    if len(study.directions) > 1:
+        front = pareto_front(study)
+        client.log_metric(run_id, "n_pareto", len(front), step=step)
+        client.log_dict(run_id, front, "pareto_front.json")
     rows = trials_table(study)
     client.log_text(run_id, json.dumps(rows, indent=1, default=str), "trials.json")
     skipped: dict[str, str] = {}
@@ -106,7 +121,9 @@ def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bo
         results = sweep_dir / "optimization_results.yaml"
         if results.exists():
             client.log_artifact(run_id, str(results))
-        if plots:
+        if plots and len(study.directions) > 1:
+            skipped = {"all": "Optuna's plots take one objective"}
+        elif plots:
             files, skipped = save_plots(study, Path(tmp) / "plots", metric)
             for f in files:
                 client.log_artifact(run_id, str(f), "plots")
