@@ -67,3 +67,34 @@ def _seed_torch():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tiny_tokenizer):
+    """A tokenizer of Phi-3's real family, built offline: SentencePiece-style BPE (Metaspace
+    pre-tokenizer with `prepend_scheme="first"`, byte fallback to `<0xNN>` pieces), Phi-3's
+    added specials and chat template. The tiny model's own tokenizer is byte-level BPE."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from phitune.modeling.tiny import BASE_SPECIAL_TOKENS, PHI3_ADDED_TOKENS, PHI3_CHAT_TEMPLATE, _corpus_lines
+
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = metaspace
+    trained.train_from_iterator(_corpus_lines(), trainers.BpeTrainer(
+        vocab_size=1500, min_frequency=2, special_tokens=BASE_SPECIAL_TOKENS, show_progress=False))
+    bpe = json.loads(trained.to_str())["model"]
+    vocab = dict(bpe["vocab"])
+    for i in range(256):  # byte fallback needs every byte as a piece, as Llama's and Phi-3's vocabularies have
+        vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(PHI3_ADDED_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="<|endoftext|>", chat_template=PHI3_CHAT_TEMPLATE)

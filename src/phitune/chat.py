@@ -132,16 +132,27 @@ def _content_span(tokenizer, msgs: list[dict], i: int, text: str, add_generation
 
 
 def _as_text(tokenizer, tok: Tokenized, span: tuple[int, int], special_ids: frozenset) -> None:
-    """Re-tokenize, in place, the tokens that cover `span` with control tokens read as text."""
+    """Re-tokenize, in place, the tokens that cover `span` with control tokens read as text.
+
+    The slice is tokenized together with its left context back to the previous special
+    token, whose tokens are then dropped: a SentencePiece-style tokenizer (Phi-3's:
+    Metaspace, `prepend_scheme="first"`) prefixes `▁` to the start of what it is given,
+    and would otherwise add a space that the conversation does not have.
+    """
     s, e = span
     covering = [j for j, (a, b) in enumerate(tok.offsets) if b > s and a < e]
     if not covering or not any(tok.input_ids[j] in special_ids for j in covering):
         return
     j0, j1 = covering[0], covering[-1] + 1
     a, b = tok.offsets[j0][0], tok.offsets[j1 - 1][1]
-    ids, offsets = _offsets_tokenize(tokenizer, tok.text[a:b], as_text=True)
-    tok.input_ids[j0:j1] = ids
-    tok.offsets[j0:j1] = [(x + a, y + a) for x, y in offsets]
+    left = next((tok.offsets[j][1] for j in range(j0 - 1, -1, -1) if tok.input_ids[j] in special_ids), 0)
+    ids, offsets = _offsets_tokenize(tokenizer, tok.text[left:b], as_text=True)
+    keep = [k for k, (x, _) in enumerate(offsets) if x + left >= a]
+    if not keep or offsets[keep[0]][0] + left != a or keep[0] == 0 and left < a:  # boundaries moved: slice alone
+        ids, offsets, left = *_offsets_tokenize(tokenizer, tok.text[a:b], as_text=True), a
+        keep = list(range(len(ids)))
+    tok.input_ids[j0:j1] = [ids[k] for k in keep]
+    tok.offsets[j0:j1] = [(offsets[k][0] + left, offsets[k][1] + left) for k in keep]
 
 
 def tokenize_chat(tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> Tokenized:
