@@ -44,7 +44,20 @@ def test_three_trial_sweep_leaves_one_parent_and_three_children(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "trials.json", "optimization_results.yaml", "best_params.json"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert plots == {f"plots/{p}.png" for p in ("optimization_history", "param_importances", "parallel_coordinate", "slice")}
+    # 3 complete trials: no importance chart (it needs 5), the reason is logged instead.
+    assert plots == {f"plots/{p}.png" for p in ("optimization_history", "intermediate_values", "parallel_coordinate",
+                                                  "slice")} | {"plots/optuna_plots.html", "plots/skipped.json"}
+
+    # The runs table: each trial's name says what it tried; the best one is marked, the parent links to it.
+    best = study.best_trial
+    by_number = {int(c.data.tags["phitune.trial_number"]): c for c in children}
+    assert by_number[best.number].info.run_name == f"trial-{best.number} ★ best x={best.params['x']:.2g} y={best.params['y']}"
+    assert [c.data.tags.get("phitune.best") for n, c in sorted(by_number.items())].count("true") == 1
+    assert parent.data.tags["phitune.best_run_id"] == by_number[best.number].info.run_id
+    assert all(c.info.run_name.startswith(f"trial-{n} ") for n, c in by_number.items())
+    assert parent.info.run_name == f"sweep-toy-sweep · best trial-{best.number} full_valid_loss {best.value:.4g}"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "3 trials: 3 complete, 0 pruned, 0 failed" in note and by_number[best.number].info.run_id in note
 
     from omegaconf import OmegaConf
 
@@ -124,6 +137,8 @@ def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(tmp_path):
     assert "trial 3/3 · best full_valid_loss - (no complete trial yet) · 3 pruned · 0 failed" in res.stdout
     _, children = runs(s)
     assert [c.data.tags["phitune.trial_state"] for c in children] == ["pruned"] * 3
+    assert all(c.info.run_name.startswith(f"trial-{c.data.tags['phitune.trial_number']} pruned@1 x=") for c in children)
+    assert not any(c.data.tags.get("phitune.best") for c in children)  # no complete trial, no best
     assert "  trial 0 pruned at step 1 (last report 1.021)" in res.stdout  # (0.646 - 0.5)^2 + 0.1 * 0 + 1/1
 
 

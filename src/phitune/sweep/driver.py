@@ -30,10 +30,11 @@ from phitune.sweep import contract
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
-from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run
+from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run, trial_run_name
 from phitune.sweep.plan import SweepPlan, plan_sweep
 from phitune.sweep.progress import outcome_line, progress_line
 from phitune.sweep.settings import DEFAULT_STORAGE
+from phitune.tracking.experiment import ui_url
 
 
 class SweepStopped(PhituneError):
@@ -415,6 +416,9 @@ class Sweep:
         names = list(self.plan.space) + [n for n in trial.params if n not in self.plan.space]
         for name in names:
             ov.append(f"{self.plan.launch_keys.get(name, name)}={sp.format_value(trial.params[name])}")
+        if self.phitune_app and not any(o.lstrip("+~").startswith("tracking.run_name=") for o in ov):
+            # `++`: an app with phitune's job side may lack the key (it names its own run, or not).
+            ov.append(f"++tracking.run_name={sp.quote(trial_run_name(trial.number, trial.params))}")
         mlflow_env = None
         if not self.phitune_app:  # its child run, opened here; phitune's train.py opens its own
             child = self.parent.start_child(trial.number, self.study_name, trial.params)
@@ -472,12 +476,20 @@ class Sweep:
         label = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned"}.get(state, "failed")
         if not self.phitune_app and value is not None:
             self.parent.log_objective(child, self._metric_names(), value if isinstance(value, list) else [value])
-        self.parent.mark_child(child, label)
         frozen = self._frozen(trial.number)
+        self.parent.mark_child(child, label, trial_run_name(trial.number, trial.params, label, frozen.last_step))
+        self._mark_best()
         shown = frozen.value if label == "pruned" else value  # a pruned trial's value: its last report
         print(outcome_line(trial.number, label, shown, error, self.metric, frozen.last_step))
         counts = self._counts()
         print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study), self._pareto_size()), flush=True)
+
+    def _mark_best(self) -> None:
+        """The best trial so far carries the mark in the runs table; the parent links to its run."""
+        best = st.best_trial(self.study)  # None until one is complete, and for several objectives
+        if best is not None:
+            self.parent.mark_best(self.parent.find_child(best.number),
+                                  trial_run_name(best.number, best.params, best=True))
 
     def _metric_names(self) -> list[str]:
         n = len(self.directions)
@@ -556,6 +568,8 @@ class Sweep:
             front = sorted(t.number for t in self.study.best_trials)
             print(f"sweep {self.study_name}: {len(front)} Pareto solution(s), trials {', '.join(map(str, front)) or '-'}")
         print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
+        print(f"  see it:  mlflow ui --backend-store-uri {redact.redact_text(str(self.tracking.uri))}  ->  "
+              f"{ui_url(self.parent.experiment_id)}")
 
 
 def batch_size(n_jobs, launcher_n_jobs) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 from phitune import redact
 from phitune.sweep.study import PARENT_RUN_ATTR
@@ -22,6 +21,36 @@ STUDY_TAG = "phitune.study"
 CREATOR_WAIT_S = 60
 # MLflow refuses param values longer than this (characters).
 MAX_PARAM_CHARS = 6000
+BEST_TAG = "phitune.best"  # "true" on the run of the sweep's best trial, moved as the best changes
+BEST_RUN_TAG = "phitune.best_run_id"  # on the parent: the best trial's run
+BEST_MARK = "★ best"
+# Run names are what MLflow's runs table shows first (about 25 characters before the cut):
+# the trial, its outcome, then what it tried with short names for the portal's
+# hyperparameters (`×` for a multiplier of the model's base value).
+ALIASES = {"learning_rate_multiplier": "lr×", "batch_size_multiplier": "bs×", "epochs": "ep=",
+           "lora.rank": "r=", "lora.alpha": "alpha=", "lora.dropout": "drop="}
+MAX_NAME_CHARS = 250  # MLflow's run_name column is 250 characters
+
+
+def trial_run_name(number: int, params: dict, state: str | None = None, step: int | None = None,
+                   best: bool = False) -> str:
+    """`trial-3 lr×4.6 bs×1`, `trial-2 pruned@8 lr×0.3 bs×2`, `trial-5 ★ best lr×1.2 bs×1`."""
+    parts = [f"trial-{number}"]
+    if best:
+        parts.append(BEST_MARK)
+    if state in ("pruned", "failed", "killed"):
+        parts.append(f"pruned@{step}" if state == "pruned" and step is not None else state)
+    parts += [_short_param(k, v) for k, v in params.items()]
+    return " ".join(parts)[:MAX_NAME_CHARS]
+
+
+def _short_param(name: str, value) -> str:
+    key = str(name).lstrip("+~")
+    key = key[len("train."):] if key.startswith("train.") else key
+    alias = ALIASES.get(key) or f"{key.rsplit('.', 1)[-1]}="
+    if isinstance(value, float) and not isinstance(value, bool):
+        value = f"{value:.2g}"  # 4.6, 0.25, 1: enough to tell trials apart; the params hold the rest
+    return f"{alias}{value}"
 
 
 def mlflow_key(name: str) -> str:
@@ -37,32 +66,10 @@ def _client(uri: str):
 
 
 def experiment_id(tracking_cfg) -> str:
-    """Get or create the experiment with the artifact location phitune's jobs use.
+    """Get or create the experiment phitune's jobs use (phitune.tracking.experiment, torch-free)."""
+    from phitune.tracking.experiment import get_or_create
 
-    Same rule as phitune.tracking.run.setup_tracking (artifacts beside a sqlite db),
-    without importing that module: it pulls in torch, which the sweeper itself does
-    not need.
-    """
-    import mlflow
-
-    client = _client(tracking_cfg.uri)
-    exp = client.get_experiment_by_name(tracking_cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    root = tracking_cfg.get("artifact_root") or _sqlite_artifact_root(tracking_cfg.uri)
-    location = f"{root.rstrip('/')}/{tracking_cfg.experiment}" if root else None
-    try:
-        return client.create_experiment(tracking_cfg.experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created concurrently by another worker
-        return client.get_experiment_by_name(tracking_cfg.experiment).experiment_id
-
-
-def _sqlite_artifact_root(uri: str) -> str | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return (db.parent.resolve() / "artifacts").as_uri()
+    return get_or_create(_client(tracking_cfg.uri), tracking_cfg)
 
 
 class ParentRun:
@@ -114,7 +121,7 @@ class ParentRun:
     def start_child(self, number: int, study_name: str, params: dict) -> str:
         """A trial's child run opened for an app that does not open one itself (no phitune
         `tracking` node): the job's own mlflow.start_run() resumes it through MLFLOW_RUN_ID."""
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
+        run = self.client.create_run(self.experiment_id, run_name=trial_run_name(number, params), tags={
             "mlflow.parentRunId": self.run_id, TRIAL_TAG: str(number), STUDY_TAG: study_name})
         for key, value in redact.redact_mapping(dict(params)).items():
             self.client.log_param(run.info.run_id, mlflow_key(key), str(value)[:MAX_PARAM_CHARS])
@@ -128,15 +135,34 @@ class ParentRun:
             if name not in run.data.metrics:
                 self.client.log_metric(run.info.run_id, name, float(value))
 
-    def mark_child(self, run, state: str) -> None:
-        """Tag the trial's run with its state if the job did not, and end a run the job left RUNNING."""
+    def mark_child(self, run, state: str, name: str | None = None) -> None:
+        """Tag the trial's run with its state if the job did not, name it (trial_run_name: the
+        outcome shows in the runs table) and end a run the job left RUNNING."""
         if run is None:
             return
         if STATE_TAG not in run.data.tags:
             self.client.set_tag(run.info.run_id, STATE_TAG, state)
+        if name and name != run.info.run_name:
+            self.client.update_run(run.info.run_id, name=name)
         if run.info.status == "RUNNING":
             status = {"failed": "FAILED", "killed": "KILLED"}.get(state, "FINISHED")
             self.client.set_terminated(run.info.run_id, status=status)
+
+    def mark_best(self, run, name: str) -> None:
+        """Move the best mark (BEST_TAG, BEST_MARK in the name, BEST_RUN_TAG on the parent) to `run`."""
+        if run is None:
+            return
+        marked = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{BEST_TAG}` = 'true'")
+        for old in marked:
+            if old.info.run_id != run.info.run_id:
+                self.client.delete_tag(old.info.run_id, BEST_TAG)
+                plain = " ".join(old.info.run_name.replace(BEST_MARK, "").split())
+                self.client.update_run(old.info.run_id, name=plain)
+        self.client.set_tag(run.info.run_id, BEST_TAG, "true")
+        if name != run.info.run_name:
+            self.client.update_run(run.info.run_id, name=name)
+        self.client.set_tag(self.run_id, BEST_RUN_TAG, run.info.run_id)
 
     def close_orphans(self, finished_numbers: set[int], errors: dict[int, str] | None = None) -> int:
         """End child runs left RUNNING by a killed worker (SIGKILL ends no run) whose trial

@@ -88,6 +88,33 @@ def write_results(study, sweep_dir: Path, counts, n_trials: int, stop_reason: st
     return path
 
 
+def parent_run_name(study_name: str, metric: str, best) -> str:
+    """`sweep-NAME · best trial-3 full_valid_loss 0.8123`: the parent row says the result even collapsed."""
+    if best is None or not math.isfinite(best.value):
+        return f"sweep-{study_name}"
+    return f"sweep-{study_name} · best trial-{best.number} {metric} {best.value:.4g}"
+
+
+def _best_run_id(best) -> str | None:
+    return best.user_attrs.get(MLFLOW_RUN_ATTR) if best is not None else None
+
+
+def summary_note(study, metric: str, counts, best, best_run_id: str | None) -> str:
+    """The parent run's description (MLflow shows it on the run's page), in Markdown."""
+    lines = [f"**Sweep {study.study_name}**: {counts.finished} trials: {counts.complete} complete, "
+             f"{counts.pruned} pruned, {counts.failed} failed.", ""]
+    if best is not None and math.isfinite(best.value):
+        params = ", ".join(f"`{k}={v}`" for k, v in best.params.items())
+        link = f" (run `{best_run_id}`)" if best_run_id else ""
+        lines += [f"Best: trial {best.number}{link}, {metric} **{best.value:.6g}**, with {params}.", ""]
+    elif len(study.directions) > 1:
+        lines += [f"{len(study.best_trials)} Pareto-optimal trial(s): see pareto_front.json.", ""]
+    else:
+        lines += ["No complete trial yet.", ""]
+    lines.append("Plots: artifacts `plots/` (`optuna_plots.html` is interactive); every trial: `trials.csv`.")
+    return "\n".join(lines)
+
+
 def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bool) -> dict[str, str]:
     """Best value/params, the trials table, results YAML and plots on the parent run.
     Returns {plot: why skipped}."""
@@ -107,8 +134,11 @@ def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bo
         client.set_tag(run_id, "phitune.best_trial", str(best.number))
         for k, v in best.params.items():
             client.set_tag(run_id, mlflow_key(f"best.{k}"), str(v))
+        client.set_tag(run_id, "phitune.best_params", " ".join(f"{k}={v}" for k, v in best.params.items()))
         client.log_dict(run_id, {"best_trial": best.number, "best_value": best.value, "best_params": best.params},
                         "best_params.json")
+    client.set_tag(run_id, "mlflow.note.content", summary_note(study, metric, counts, best, _best_run_id(best)))
+    client.update_run(run_id, name=parent_run_name(study.study_name, metric, best))
     if len(study.directions) > 1:
         front = pareto_front(study)
         client.log_metric(run_id, "n_pareto", len(front), step=step)

@@ -28,29 +28,13 @@ def _on_sigterm(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
-def sqlite_artifact_root(uri: str) -> str | None:
-    """`sqlite:///mlruns/mlflow.db` -> `<abs>/mlruns/artifacts` (artifacts beside the db)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return (db.parent.resolve() / "artifacts").as_uri()
-
-
 def setup_tracking(tracking_cfg) -> str:
     """Point MLflow at the store and return the experiment id (created if needed)."""
+    from phitune.tracking.experiment import get_or_create
+
     redact.quiet_mlflow_url(tracking_cfg.uri)
     mlflow.set_tracking_uri(tracking_cfg.uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(tracking_cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    root = tracking_cfg.get("artifact_root") or sqlite_artifact_root(tracking_cfg.uri)
-    location = f"{root.rstrip('/')}/{tracking_cfg.experiment}" if root else None
-    try:
-        return client.create_experiment(tracking_cfg.experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        return client.get_experiment_by_name(tracking_cfg.experiment).experiment_id  # created concurrently
+    return get_or_create(MlflowClient(), tracking_cfg)
 
 
 def flatten(d, prefix: str = "") -> dict:
