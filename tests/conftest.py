@@ -98,3 +98,19 @@ def sp_tokenizer(tiny_tokenizer):
     tok.add_special_tokens(PHI3_ADDED_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
                                    unk_token="<unk>", pad_token="<|endoftext|>", chat_template=PHI3_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server (tests/pg.py) for the session, stopped at its end.
+
+    Fails, never skips, when PostgreSQL is not installed: the multi-worker tests are
+    the proof that sweeps work on it, and .ci/run installs it."""
+    from pg import start_server
+
+    try:
+        server = start_server()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+    yield server
+    server.stop()

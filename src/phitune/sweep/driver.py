@@ -219,6 +219,8 @@ class Sweep:
                                "use a file (sqlite:///mlruns/optuna.db) or a database server")
         self.url = st.absolute_storage_url(str(storage))
         self.job_storage = st.job_storage_ref(self.url)  # `env:NAME` if the URL has a password
+        self.job_fixed = hide_secret_overrides(self.plan.fixed)  # e.g. tracking.uri with a password
+        _hide_secret_hydra_overrides(ctx.config)  # e.g. hydra.sweeper.storage with a password
         self.pruner_spec = st.pruner_spec(self.s.pruner)
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
@@ -284,7 +286,8 @@ class Sweep:
         import optuna
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.ctx.config, self.sweep_dir / "multirun.yaml")
+        # The command line is in it (hydra.overrides.task): a URL's password is masked.
+        (self.sweep_dir / "multirun.yaml").write_text(redact.redact_yaml(OmegaConf.to_yaml(self.ctx.config)))
         created = self._open_study()
         self._open_parent(created)
         self._recover()
@@ -300,7 +303,11 @@ class Sweep:
         started = time.monotonic()
         stop_reason, status = None, "FINISHED"
         try:
-            with Heartbeat(self.storage, self.s.heartbeat_interval) as self.hb:
+            beats = st.has_heartbeats(self.storage)
+            if not beats:
+                print("  note: a journal storage has no heartbeats: a trial whose worker dies stays RUNNING; "
+                      "after a crash, set hydra.sweeper.n_trials higher or start a new study")
+            with Heartbeat(self.storage, self.s.heartbeat_interval if beats else None) as self.hb:
                 stop_reason = self._loop(started)
         except (KeyboardInterrupt, SweepInterrupted):
             self._interrupted()
@@ -411,7 +418,7 @@ class Sweep:
         return trial
 
     def _overrides(self, trial) -> list[str]:
-        ov = list(self.plan.fixed)
+        ov = list(self.job_fixed)
         # custom_search_space's params after the space's; their name is their override key (`+w`).
         names = list(self.plan.space) + [n for n in trial.params if n not in self.plan.space]
         for name in names:
@@ -552,7 +559,15 @@ class Sweep:
         path = write_results(self.study, self.sweep_dir, counts, self.n_trials, stop_reason)
         skipped = {}
         try:
-            skipped = log_to_parent(self.parent, self.study, self.metric, counts, self.sweep_dir, bool(self.s.plots))
+            for attempt in range(3):
+                try:
+                    skipped = log_to_parent(self.parent, self.study, self.metric, counts, self.sweep_dir,
+                                            bool(self.s.plots))
+                    break
+                except Exception as exc:
+                    if attempt == 2 or not _write_collision(exc):
+                        raise
+                    time.sleep(0.5 + attempt)  # seconds; another worker is writing the same results
         finally:
             self.parent.set_tag(STUDY_TAG, self.study_name)
             if stop_reason:
@@ -570,6 +585,54 @@ class Sweep:
         print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
         print(f"  see it:  mlflow ui --backend-store-uri {redact.redact_text(str(self.tracking.uri))}  ->  "
               f"{ui_url(self.parent.experiment_id)}")
+
+
+# An override holding a secret reaches the jobs through this environment variable (N = its
+# position), set in the sweeper's process and inherited by every job.
+SECRET_ENV = "PHITUNE_TRIAL_SECRET_{}"
+HYDRA_SECRET_ENV = "PHITUNE_HYDRA_SECRET_{}"
+
+
+def hide_secret_overrides(fixed: list[str], env_name: str = SECRET_ENV, hydra_keys: bool = False) -> list[str]:
+    """`tracking.uri=postgresql://u:pw@host/db` -> `tracking.uri=${oc.env:PHITUNE_TRIAL_SECRET_0}`.
+
+    Hydra prints each job's overrides (`#0 : ...`) and writes them to its .hydra/overrides.yaml;
+    the job's config resolves the variable when it reads the value, and what phitune logs of
+    it (params, config.yaml) is masked there."""
+    import os
+
+    out = []
+    for i, ov in enumerate(fixed):
+        head, sep, value = ov.partition("=")
+        if sep and value and redact.redact_overrides([ov]) != [ov] and head.lstrip("+~").startswith("hydra.") == hydra_keys:
+            name = env_name.format(i)
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            os.environ[name] = value[1:-1] if quoted else value
+            ov = f"{head}=${{oc.env:{name}}}"
+        out.append(ov)
+    return out
+
+
+def _hide_secret_hydra_overrides(config) -> None:
+    """The sweep's own hydra overrides (`hydra.sweeper.storage=postgresql://u:pw@...`) are
+    replayed into every job and written to its .hydra/hydra.yaml: there they read the
+    value from this process's environment. The sweeper itself already holds the values."""
+    from omegaconf import open_dict, read_write
+
+    listed = OmegaConf.select(config, "hydra.overrides.hydra", default=None)
+    if not listed:
+        return
+    hidden = hide_secret_overrides(list(listed), HYDRA_SECRET_ENV, hydra_keys=True)
+    if hidden != list(listed):
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra = hidden
+
+
+def _write_collision(exc: Exception) -> bool:
+    """Two workers wrote the same new tag or param of the parent run at once (MLflow's set_tag
+    is an INSERT on PostgreSQL): the retry updates the row the other worker wrote."""
+    text = str(exc)
+    return any(s in text for s in ("UniqueViolation", "duplicate key", "UNIQUE constraint", "IntegrityError"))
 
 
 def batch_size(n_jobs, launcher_n_jobs) -> int:

@@ -17,8 +17,9 @@ STATE_TAG = "phitune.trial_state"
 ERROR_TAG = "phitune.error"  # as a job's own failed run has it (phitune.tracking.run)
 STUDY_TAG = "phitune.study"
 # How long (seconds) a worker that did not create the study waits for the creator to
-# open the parent run, so that two workers started together share one parent.
-CREATOR_WAIT_S = 60
+# open the parent run, so that workers started together share one parent. It covers the
+# creator's first connection to a new MLflow store (~5-30 s of schema migrations).
+CREATOR_WAIT_S = 180
 # MLflow refuses param values longer than this (characters).
 MAX_PARAM_CHARS = 6000
 BEST_TAG = "phitune.best"  # "true" on the run of the sweep's best trial, moved as the best changes
@@ -82,12 +83,16 @@ class ParentRun:
 
     @classmethod
     def open(cls, tracking_cfg, study, sweep_name: str, created_study: bool) -> "ParentRun":
-        """The study's parent run: reused if the study names one that exists, else created."""
+        """The study's parent run: reused if the study names one that exists, else created.
+
+        A worker that joins a new study waits for its creator's parent run before it opens
+        the MLflow store: MLflow migrates a new database's schema on first use, and two
+        processes migrating one PostgreSQL database at once collide."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id is None and not created_study and not study.get_trials(deepcopy=False):
+            run_id = _wait_for_parent(study)
         exp_id = experiment_id(tracking_cfg)
         client = _client(tracking_cfg.uri)
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        if run_id is None and not created_study:
-            run_id = _wait_for_parent(study)
         if run_id is not None and _exists(client, run_id):
             client.update_run(run_id, status="RUNNING")
             return cls(tracking_cfg, run_id, exp_id, resumed=True)
@@ -198,12 +203,16 @@ def _exists(client, run_id: str) -> bool:
 
 
 def _wait_for_parent(study) -> str | None:
+    """The parent run id once the study's creator has set it; None after CREATOR_WAIT_S
+    (the creator died before opening it: this worker opens one)."""
     deadline = time.monotonic() + CREATOR_WAIT_S
     while time.monotonic() < deadline:
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if run_id:
             return run_id
         time.sleep(0.5)  # seconds; the creator is opening the MLflow store
+    print(f"sweep: no MLflow parent run from the worker that created study {study.study_name!r} "
+          f"after {CREATOR_WAIT_S} s; this worker opens one")
     return None
 
 

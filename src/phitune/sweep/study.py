@@ -54,11 +54,16 @@ def quiet_optuna() -> None:
 # -- storage ---------------------------------------------------------------------------------
 
 def absolute_storage_url(url: str, base_dir: str | None = None) -> str:
-    """`sqlite:///mlruns/optuna.db` -> `sqlite:////abs/mlruns/optuna.db` (its folder created).
+    """`sqlite:///mlruns/optuna.db` -> `sqlite:////abs/mlruns/optuna.db` (its folder created);
+    `journal://study.log` -> `journal:///abs/study.log`.
 
     Jobs may run in another working directory (hydra.job.chdir, joblib workers), so
     they get an absolute path. Other URLs are returned unchanged.
     """
+    if url.startswith(JOURNAL_PREFIX):
+        path = os.path.abspath(os.path.join(base_dir or os.getcwd(), url[len(JOURNAL_PREFIX):]))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return JOURNAL_PREFIX + path
     prefix = "sqlite:///"
     if not url.startswith(prefix) or url.startswith(prefix + "/") or url == prefix + ":memory:":
         if url.startswith(prefix + "/"):
@@ -67,6 +72,17 @@ def absolute_storage_url(url: str, base_dir: str | None = None) -> str:
     path = os.path.abspath(os.path.join(base_dir or os.getcwd(), url[len(prefix):]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return prefix + path
+
+
+# Optuna's JournalStorage on a file: `journal:///shared/disk/study.log` (`journal://` + a path,
+# absolute or relative to the sweep's folder), for workers that share a disk but no database.
+# Appends under a lock file beside it (Optuna's JournalFileSymlinkLock), no server.
+JOURNAL_PREFIX = "journal://"
+
+
+def has_heartbeats(storage) -> bool:
+    """RDB storages record heartbeats; Optuna's JournalStorage has none (a dead worker's trial stays RUNNING)."""
+    return hasattr(storage, "record_heartbeat")
 
 
 # A storage URL with a password reaches the jobs through this environment variable,
@@ -113,11 +129,13 @@ def display_url(url: str) -> str:
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  stale_callback: Callable | None = None):
     """An RDBStorage (with heartbeats when an interval is given); retried while another
-    process is creating the same database's tables."""
+    process is creating the same database's tables. `journal://PATH`: a JournalStorage."""
     import optuna
     import sqlalchemy.exc
 
     quiet_optuna()
+    if url.startswith(JOURNAL_PREFIX):
+        return _journal_storage(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": SQLITE_LOCK_TIMEOUT_S}
@@ -139,6 +157,22 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         except ImportError as exc:
             raise PhituneError(f"hydra.sweeper.storage {display_url(url)} needs a database driver: {exc}") from None
     raise AssertionError("unreachable")
+
+
+def _journal_storage(url: str):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = url[len(JOURNAL_PREFIX):]
+    if not path or os.path.isdir(path):
+        raise PhituneError(f"hydra.sweeper.storage={url}: expected journal:///path/to/study.log, a file "
+                           "(on a disk every worker shares)")
+    try:
+        return JournalStorage(JournalFileBackend(path))
+    except OSError as exc:
+        raise PhituneError(f"hydra.sweeper.storage={url}: cannot open the journal file ({exc.strerror or exc})") from None
+    except optuna.exceptions.StorageInternalError as exc:
+        raise PhituneError(f"hydra.sweeper.storage={url}: not an Optuna journal ({exc})") from None
 
 
 # -- samplers and pruners --------------------------------------------------------------------
