@@ -100,7 +100,8 @@ def test_sweep_killed_mid_trial_resumes_without_repeating_trials(tmp_path):
 
 def test_ctrl_c_requeues_the_running_trial_for_the_next_run(tmp_path):
     s = make_stores(tmp_path)
-    cmd = toy_cmd(*s.overrides(), "hydra.sweeper.n_trials=2", "toy.sleep_s=0.3", "hydra.sweeper.plots=false")
+    # 3 s trials: the interrupt lands well inside trial 1 even on a loaded machine
+    cmd = toy_cmd(*s.overrides(), "hydra.sweeper.n_trials=2", "toy.sleep_s=3", "hydra.sweeper.plots=false")
     proc = popen(cmd, tmp_path / "first.log")
     deadline = time.monotonic() + 90
     while "start 1" not in " ".join(s.trace_lines()) and time.monotonic() < deadline:

@@ -64,7 +64,9 @@ def make_stores(tmp_path: Path) -> Stores:
 
 
 def env() -> dict:
-    e = dict(os.environ)
+    # Not MLflow's variables of this test process: mlflow.set_tracking_uri() in an earlier
+    # in-process test exports MLFLOW_TRACKING_URI, which a sweep would otherwise log into.
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     e["PYTHONUNBUFFERED"] = "1"
     e.setdefault("PHITUNE_ROOT", str(REPO))
     e["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
