@@ -235,6 +235,7 @@ class Sweep:
                 print(f"sweep: the grid has {size} points; n_trials {self.n_trials} -> {size}")
                 self.n_trials = size
         self.per_trial_seed = sampler.name in ("tpe", "random") and sampler.kwargs.get("seed") is not None
+        self.target = stop_target(self.s, self.directions)
         self.job_idx = 0
         self.returns: list = []
         self.in_flight: dict[int, Any] = {}  # trial number -> optuna Trial
@@ -368,6 +369,16 @@ class Sweep:
             return f"token budget spent ({counts.tokens:,} of {int(self.s.max_total_tokens):,} training tokens)"
         if self.s.timeout is not None and time.monotonic() - started >= float(self.s.timeout):
             return f"timeout reached ({float(self.s.timeout):g} s)"
+        return self._target_reached()
+
+    def _target_reached(self) -> str | None:
+        best = st.best_trial(self.study) if self.target is not None else None
+        if best is None:
+            return None
+        minimize = self.directions[0] == "minimize"
+        if (best.value <= self.target) if minimize else (best.value >= self.target):
+            return (f"target reached (best {self.metric} {best.value:.4g} of trial {best.number} "
+                    f"{'<=' if minimize else '>='} hydra.sweeper.stop.target={self.target:g})")
         return None
 
     def _ask_batch(self, n: int) -> list:
@@ -585,6 +596,23 @@ class Sweep:
         print(f"  results: {path} · MLflow parent run {self.parent.run_id}")
         print(f"  see it:  mlflow ui --backend-store-uri {redact.redact_text(str(self.tracking.uri))}  ->  "
               f"{ui_url(self.parent.experiment_id)}")
+
+
+def stop_target(settings, directions: list[str]) -> float | None:
+    """hydra.sweeper.stop.target as a number, for a sweep of one objective."""
+    target = OmegaConf.select(settings, "stop.target", default=None)
+    if target is None:
+        return None
+    if len(directions) > 1:
+        raise PhituneError(f"hydra.sweeper.stop.target={target}: a sweep of {len(directions)} objectives has no single "
+                           "best value to compare; remove stop.target")
+    try:
+        value = float(target)
+    except (TypeError, ValueError):
+        raise PhituneError(f"hydra.sweeper.stop.target={target!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise PhituneError(f"hydra.sweeper.stop.target={target}: expected a finite number")
+    return value
 
 
 # An override holding a secret reaches the jobs through this environment variable (N = its

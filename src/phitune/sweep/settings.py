@@ -149,6 +149,15 @@ class PrunerConf:
 
 
 @dataclass
+class StopConf:
+    """When a sweep stops starting trials before n_trials, checked before each trial."""
+
+    # Stop once the best complete trial's objective reaches this value (<= when minimizing,
+    # >= when maximizing), e.g. `hydra.sweeper.stop.target=1.5` for a good-enough loss.
+    target: Optional[float] = None
+
+
+@dataclass
 class SweepTrackingConf:
     """The MLflow store of an app that has no `tracking` node of its own (phitune's train.py
     has one, and its sweep uses that). null = $MLFLOW_TRACKING_URI, else phitune's default
@@ -189,6 +198,7 @@ class PhituneOptunaSweeperConf:
     max_retries: int = 2  # a trial killed mid-run (stale heartbeat, Ctrl-C) is re-run this often
     max_total_tokens: Optional[int] = None  # training tokens over all trials; then no new trial
     timeout: Optional[float] = None  # seconds of this invocation; then no new trial
+    stop: StopConf = field(default_factory=StopConf)
     # A worker records a heartbeat for its running trials every heartbeat_interval seconds;
     # a RUNNING trial without one for grace_period seconds belongs to a dead process.
     heartbeat_interval: int = 10
