@@ -178,7 +178,7 @@ def test_a_finished_sweep_reads_at_a_glance_in_the_mlflow_ui(tmp_path):
                 str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                       "--disable-component-update", "--no-first-run"],
-                viewport={"width": 1500, "height": 760})
+                viewport={"width": 1920, "height": 800})  # the assistant panel takes ~360 px
             page = ctx.new_page()
             try:
                 _look(page, ui_url(exp_id, base=f"http://127.0.0.1:{port}"), parents[0], children, shot)
@@ -204,7 +204,6 @@ def _look(page, url: str, parent, children, shot: Path) -> None:
     # states the sweep's result even while its trials are folded under it.
     assert "best trial-" in parent.info.run_name
     page.get_by_text(parent.info.run_name, exact=True).first.wait_for(timeout=90_000)
-    _close_assistant(page)
     _expand(page, parent.info.run_name)
     for child in children:
         page.get_by_text(child.info.run_name, exact=True).first.wait_for(timeout=30_000)
@@ -221,16 +220,3 @@ def _expand(page, parent_name: str) -> None:
     if button.count():
         button.click()
 
-
-def _close_assistant(page) -> None:
-    """MLflow 3.17 opens its assistant panel beside the table; close it for a wider picture."""
-    panel = page.get_by_text("MLflow Assistant", exact=True)
-    if not panel.count():
-        return
-    for button in page.locator("button[aria-label*='lose' i]").all():
-        try:
-            button.click(timeout=2_000)
-        except Exception:  # not this one (hidden, detached): try the next
-            continue
-        if not panel.is_visible():
-            return
