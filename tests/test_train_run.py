@@ -84,7 +84,7 @@ def test_run_ends_with_a_closing_block(trained_run):
     assert block == [
         f"run {rid} FINISHED · objective (full_valid_loss) {trained_run['objective']:.4f}",
         f"  see it:  mlflow ui --backend-store-uri {uri}  ->  "
-        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{rid}",
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{rid}?workflowType=machine_learning",
         f"  model:   runs:/{rid}/model",
         f"  next:    phitune promote --run {rid} --name MODEL_NAME --tracking-uri {uri}",
         f"           phitune serve runs:/{rid}/model --tracking-uri {uri}",

@@ -354,6 +354,7 @@ def _log_datasets(cfg, splits) -> None:
 def _closing_block(cfg, tracker, objective) -> None:
     """Where the run went and what to do next, on stderr after the run has ended."""
     from phitune.models.uri import DEFAULT_TRACKING_URI
+    from phitune.tracking.experiment import ui_url
 
     uri = redact_text(str(cfg.tracking.uri))
     store = "" if cfg.tracking.uri == DEFAULT_TRACKING_URI else f" --tracking-uri {uri}"
@@ -361,7 +362,7 @@ def _closing_block(cfg, tracker, objective) -> None:
              + (f" · objective (full_valid_loss) {objective:.4f}" if objective is not None else "")]
     if tracker.experiment_id:
         lines.append(f"  see it:  mlflow ui --backend-store-uri {uri}"
-                     f"  ->  http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}")
+                     f"  ->  {ui_url(tracker.experiment_id, tracker.run_id)}")
     if tracker.status == "FINISHED" and cfg.tracking.log_model:
         lines += [f"  model:   runs:/{tracker.run_id}/model",
                   f"  next:    phitune promote --run {tracker.run_id} --name MODEL_NAME{store}",
