@@ -8,7 +8,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: install demo train sweep test clean
+.PHONY: install sysdeps demo train sweep test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,15 @@ demo: install
 	@echo "  phitune serve models:/$(DEMO_MODEL)@champion                  # OpenAI-compatible API on 127.0.0.1:8000"
 	@echo "  phitune chat --url http://127.0.0.1:8000 --prompt 'How do I reset my password?'"
 
-test: install
+# The tests start their own PostgreSQL server (tests/pg.py) and drive Debian's chromium
+# (tests/test_mlflow_ui.py): installed here when missing, on Debian as root.
+sysdeps:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
+	@[ -x /usr/bin/chromium ] || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: install sysdeps
 	$(BIN)/python -m pytest -q
 
 clean:
