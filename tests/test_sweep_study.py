@@ -181,7 +181,8 @@ def test_budget_token_and_timeout():
     from phitune.sweep.driver import Sweep
 
     def spent(tokens, started, **settings):
-        me = SimpleNamespace(s=OmegaConf.create({"max_total_tokens": None, "timeout": None, **settings}))
+        me = SimpleNamespace(s=OmegaConf.create({"max_total_tokens": None, "timeout": None, **settings}),
+                             _target_reached=lambda: None)  # stop.target: tests/test_sweep_stop.py
         return Sweep._budget_spent(me, st.Counts(tokens=tokens), started)
 
     assert spent(10**9, time.monotonic()) is None  # no budget set
