@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,8 +82,15 @@ def run(cmd: list[str], timeout: float = 120, cwd: Path | None = None) -> subpro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd or REPO)
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`make test &`) ignores SIGINT, and a child
+    # inherits that: Python would then never raise KeyboardInterrupt for a Ctrl-C test.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env(), cwd=cwd or REPO)
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env(), cwd=cwd or REPO,
+                            preexec_fn=_default_sigint)
 
 
 def load_study(stores: Stores, name: str = "toy-sweep"):
