@@ -238,3 +238,41 @@ def test_two_workers_on_a_journal_file(tmp_path, tiny_model_dir):
     parents, children = mlflow_runs(tracking)
     assert len(parents) == 1 and len(children) == len(done)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def test_workers_moving_the_best_mark_at_once_do_not_collide(dbs):
+    """Each worker marks the best trial after each of its trials: on PostgreSQL, concurrent
+    writes of one tag key race (MLflow's set_tag reads, then inserts), and a worker that
+    loses the race must not fail its sweep."""
+    import threading
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from phitune.sweep.parent import BEST_RUN_TAG, BEST_TAG, TRIAL_TAG, ParentRun
+
+    client = MlflowClient(dbs["mlflow"])
+    exp = client.create_experiment("phitune")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    children = [client.create_run(exp, run_name=f"trial-{i}", tags={"mlflow.parentRunId": parent, TRIAL_TAG: str(i)})
+                for i in range(2)]
+    errors, start = [], threading.Barrier(6)
+
+    def worker(k: int) -> None:
+        pr = ParentRun(SimpleNamespace(uri=dbs["mlflow"]), parent, exp, resumed=False)
+        start.wait()
+        try:
+            for i in range(12):
+                best = children[(k + i) % 2]
+                pr.mark_best(client.get_run(best.info.run_id), f"trial-{k} ★ best")
+        except Exception as err:  # noqa: BLE001 - the race is what the test looks for
+            errors.append(repr(err)[:500])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    assert client.get_run(parent).data.tags[BEST_RUN_TAG] in {c.info.run_id for c in children}
+    assert any(client.get_run(c.info.run_id).data.tags.get(BEST_TAG) == "true" for c in children)

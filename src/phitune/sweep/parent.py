@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 
 from phitune import redact
 from phitune.sweep.study import PARENT_RUN_ATTR
@@ -31,6 +32,11 @@ BEST_MARK = "★ best"
 ALIASES = {"learning_rate_multiplier": "lr×", "batch_size_multiplier": "bs×", "epochs": "ep=",
            "lora.rank": "r=", "lora.alpha": "alpha=", "lora.dropout": "drop="}
 MAX_NAME_CHARS = 250  # MLflow's run_name column is 250 characters
+# Workers write the same tags of shared runs (the best mark, the parent's best run) at
+# once; MLflow's set_tag is read-then-insert, so the loser of a race gets a duplicate
+# key from PostgreSQL. It retries: the row then exists and the write is an update.
+SHARED_WRITE_TRIES = 5
+SHARED_WRITE_BACKOFF_S = 0.05
 
 
 def trial_run_name(number: int, params: dict, state: str | None = None, step: int | None = None,
@@ -111,10 +117,10 @@ class ParentRun:
             if key not in existing:
                 self.client.log_param(self.run_id, key, text)
             elif existing[key] != text:
-                self.client.set_tag(self.run_id, f"phitune.now.{key}", text[:MAX_PARAM_CHARS])
+                _shared_write(self.client.set_tag, self.run_id, f"phitune.now.{key}", text[:MAX_PARAM_CHARS])
 
     def set_tag(self, key: str, value) -> None:
-        self.client.set_tag(self.run_id, key, redact.redact_text(str(value))[:MAX_PARAM_CHARS])
+        _shared_write(self.client.set_tag, self.run_id, key, redact.redact_text(str(value))[:MAX_PARAM_CHARS])
 
     def find_child(self, number: int):
         runs = self.client.search_runs(
@@ -161,13 +167,13 @@ class ParentRun:
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`{BEST_TAG}` = 'true'")
         for old in marked:
             if old.info.run_id != run.info.run_id:
-                self.client.delete_tag(old.info.run_id, BEST_TAG)
+                _shared_write(self.client.delete_tag, old.info.run_id, BEST_TAG, gone_ok=True)
                 plain = " ".join(old.info.run_name.replace(BEST_MARK, "").split())
                 self.client.update_run(old.info.run_id, name=plain)
-        self.client.set_tag(run.info.run_id, BEST_TAG, "true")
+        _shared_write(self.client.set_tag, run.info.run_id, BEST_TAG, "true")
         if name != run.info.run_name:
             self.client.update_run(run.info.run_id, name=name)
-        self.client.set_tag(self.run_id, BEST_RUN_TAG, run.info.run_id)
+        _shared_write(self.client.set_tag, self.run_id, BEST_RUN_TAG, run.info.run_id)
 
     def close_orphans(self, finished_numbers: set[int], errors: dict[int, str] | None = None) -> int:
         """End child runs left RUNNING by a killed worker (SIGKILL ends no run) whose trial
@@ -180,16 +186,38 @@ class ParentRun:
         for run in runs:
             number = run.data.tags.get(TRIAL_TAG)
             if number is not None and number.isdigit() and int(number) in finished_numbers:
-                if STATE_TAG not in run.data.tags:
-                    self.client.set_tag(run.info.run_id, STATE_TAG, "killed")
+                if STATE_TAG not in run.data.tags:  # another worker may close the same orphan
+                    _shared_write(self.client.set_tag, run.info.run_id, STATE_TAG, "killed")
                 if (errors or {}).get(int(number)) and ERROR_TAG not in run.data.tags:
-                    self.client.set_tag(run.info.run_id, ERROR_TAG, redact.redact_text(errors[int(number)])[:5000])
+                    _shared_write(self.client.set_tag, run.info.run_id, ERROR_TAG,
+                                  redact.redact_text(errors[int(number)])[:5000])
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 closed += 1
         return closed
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _shared_write(write, run_id: str, *args, gone_ok: bool = False) -> None:
+    """`write(run_id, *args)` on a run other workers write too: retried when a concurrent
+    insert of the same key wins the race; with gone_ok, a tag another worker already
+    deleted is no error."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(SHARED_WRITE_TRIES):
+        try:
+            with warnings.catch_warnings():  # SQLAlchemy's note when the other worker deleted first
+                warnings.filterwarnings("ignore", message=".*expected to delete")
+                write(run_id, *args)
+            return
+        except MlflowException as err:
+            text = str(err)
+            if gone_ok and "No tag with name" in text:
+                return
+            if attempt == SHARED_WRITE_TRIES - 1 or not ("duplicate key" in text or "UNIQUE constraint" in text):
+                raise
+            time.sleep(SHARED_WRITE_BACKOFF_S * (attempt + 1))
 
 
 def _exists(client, run_id: str) -> bool:
