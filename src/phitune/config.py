@@ -120,6 +120,18 @@ class EvalSettings:
 
 
 @dataclass
+class TaskConfig:
+    """`task=chat|classification` (conf/task/): what is learnt from each example."""
+
+    name: str = "chat"  # chat: the assistant's turns; classification: one label per example
+    # classification: the label set, in class-id order; null = the training file's labels, sorted
+    labels: Optional[List[str]] = None
+    class_weights: Optional[str] = None  # classification: null | balanced (loss weight n / (k * n_class))
+    # The final metric run() returns: what a sweep optimises (hydra.sweeper.metric names it there).
+    objective: str = "full_valid_loss"
+
+
+@dataclass
 class TrialConfig:
     """Set by phitune's Optuna sweeper: the job finds its trial through storage."""
 
@@ -138,6 +150,7 @@ class PhituneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)  # train.evaluate_at_end
+    task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = 42
     resume: bool = False
 

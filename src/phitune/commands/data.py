@@ -1,4 +1,7 @@
-"""`phitune data validate FILE [--model NAME]`: check a chat JSONL file before training.
+"""`phitune data validate FILE [--model NAME] [--task auto|chat|classification]`: check training data.
+
+--task auto (the default) reads a file whose first line has a "label" key as
+classification data ({"messages"|"text", "label"}), any other as chat data.
 
 Exit 0 when the file is usable (warnings allowed), 1 when it is not, 2 for a bad
 command line (e.g. an unknown --model). Problems go to stdout as `FILE:LINE: message`,
@@ -27,6 +30,11 @@ def register(subparsers) -> None:
     v.add_argument("file", metavar="FILE", help="chat JSONL: one {\"messages\": [...]} object per line")
     v.add_argument("--model", default="tiny-phi3",
                    help="conf/model/NAME.yaml (or a YAML path) whose tokenizer and chat template count tokens (default: tiny-phi3)")
+    v.add_argument("--task", choices=("auto", "chat", "classification"), default="auto",
+                   help="the data's task; auto (default): classification when the first line has a \"label\" key")
+    v.add_argument("--train-file", metavar="TRAIN",
+                   help="classification: FILE is a validation file; its labels must appear in TRAIN")
+    v.add_argument("--labels", metavar="A,B,...", help="classification: the only allowed labels (as task.labels)")
     v.add_argument("--no-tokens", action="store_true", help="skip token counting (faster; no tokenizer needed)")
     v.add_argument("--quiet", "-q", action="store_true", help="print errors only: no warnings, no summary")
     v.add_argument("--max-problems", type=int, default=200, metavar="N",
@@ -88,10 +96,21 @@ def _validate(args) -> int:
             print(f"phitune data validate: {exc}", file=sys.stderr)
             return 2
         context_length = int(model_cfg.context_length)
+    classify = args.task == "classification" or (args.task == "auto" and _is_classification(args.file))
     if tokenizer is not None:
         control = chat_tokens(tokenizer).control_strings
         counter = lambda messages: count_tokens(tokenizer, messages)  # noqa: E731
-    report = validate_file(args.file, token_counter=counter, context_length=context_length, control_tokens=control)
+        if classify:
+            from phitune.classify.encode import count_input_tokens
+
+            counter = lambda messages: (count_input_tokens(tokenizer, messages), 0)  # noqa: E731
+    kwargs = dict(token_counter=counter, context_length=context_length, control_tokens=control)
+    if classify:
+        report = _validate_classification(args, kwargs)
+        if report is None:
+            return 1
+    else:
+        report = validate_file(args.file, **kwargs)
     try:
         shown = 0
         limit = max(0, args.max_problems)
@@ -116,6 +135,29 @@ def _validate(args) -> int:
         print(f"phitune data validate: {exc}", file=sys.stderr)
         return 2
     return 0 if report.ok and not flagged else 1
+
+
+def _is_classification(path: str) -> bool:
+    from phitune.classify.data import looks_like_classification
+
+    return looks_like_classification(path)
+
+
+def _validate_classification(args, kwargs):
+    """The classification report of args.file; None (after a message) when --train-file is unusable."""
+    from phitune.classify.data import validate_classification_file
+
+    if args.labels:
+        known, source = [x.strip() for x in args.labels.split(",") if x.strip()], "--labels"
+    elif args.train_file:
+        train = validate_classification_file(args.train_file)
+        if not train.readable or not train.label_counts:
+            print(f"phitune data validate: --train-file {args.train_file}: no usable labelled example", file=sys.stderr)
+            return None
+        known, source = sorted(train.label_counts), f"the labels of {args.train_file}"
+    else:
+        known, source = None, ""
+    return validate_classification_file(args.file, known, source, training=not args.train_file, **kwargs)
 
 
 def _safety(args) -> int:

@@ -27,6 +27,7 @@ class Example:
     line: int  # 1-based line in `source`
     messages: list
     source: str  # path of the file it came from
+    label: Optional[str] = None  # task=classification: the example's class
 
 
 @dataclass
@@ -52,16 +53,16 @@ def examples_digest(examples: list) -> str:
     """sha256 hex over the canonical JSON of each example's messages, one per line, in order."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(canonical_json(ex.messages).encode("utf-8"))
+        h.update(canonical_json(ex.messages if ex.label is None else [ex.messages, ex.label]).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
 
 
 def _check(path: str, token_counter, context_length, allow_warnings: bool,
-           control_tokens=()) -> "tuple[ValidationReport, Optional[str]]":
+           control_tokens=(), task=None, training: bool = True) -> "tuple[ValidationReport, Optional[str]]":
     """Validate one file, print its problems to stderr; return (report, failure message or None)."""
-    report = validate_file(path, token_counter=token_counter, context_length=context_length,
-                           control_tokens=control_tokens)
+    kwargs = dict(token_counter=token_counter, context_length=context_length, control_tokens=control_tokens)
+    report = task.validate(path, training=training, **kwargs) if task is not None else validate_file(path, **kwargs)
     for problem in report.problems[:PRINT_PROBLEMS]:
         print(problem, file=sys.stderr)
     rest = report.n_errors + report.n_warnings - min(len(report.problems), PRINT_PROBLEMS)
@@ -77,8 +78,10 @@ def _check(path: str, token_counter, context_length, allow_warnings: bool,
     return report, None
 
 
-def _load(path: str) -> list:
+def _load(path: str, task=None) -> list:
     try:
+        if task is not None:
+            return task.load(path)
         return [Example(line, messages, path) for line, messages in iter_valid_examples(path)]
     except OSError as exc:  # the file changed since it was validated
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
@@ -106,8 +109,11 @@ def auto_split(examples: list, fraction: float, seed: int) -> "tuple[list, list]
     return train, valid
 
 
-def prepare_splits(data_cfg, token_counter=None, context_length=None, control_tokens=()) -> Splits:
-    """Validate, load and split the data of a `phitune.config.DataConfig`; DataError when unusable."""
+def prepare_splits(data_cfg, token_counter=None, context_length=None, control_tokens=(), task=None) -> Splits:
+    """Validate, load and split the data of a `phitune.config.DataConfig`; DataError when unusable.
+
+    task: another task's file format, with validate(path, training, **kwargs) and load(path)
+    (phitune.classify.data.ClassificationData); None = chat."""
     mode = str(data_cfg.get("validation", "file"))
     if mode not in MODES:
         raise DataError(f"data.validation={mode!r}: expected one of {', '.join(MODES)}")
@@ -133,17 +139,17 @@ def prepare_splits(data_cfg, token_counter=None, context_length=None, control_to
     # Validate every file before loading anything, and report all failures at once.
     files = [train_file] + ([str(valid_file)] if mode == "file" else [])
     reports, failures = [], []
-    for path in files:
-        report, failure = _check(path, token_counter, context_length, allow_warnings, control_tokens)
+    for i, path in enumerate(files):
+        report, failure = _check(path, token_counter, context_length, allow_warnings, control_tokens, task, i == 0)
         reports.append(report)
         if failure:
             failures.append(failure)
     if failures:
         raise DataError("\n".join(failures))
 
-    train = _load(train_file)
+    train = _load(train_file, task)
     if mode == "file":
-        valid = _load(str(valid_file))
+        valid = _load(str(valid_file), task)
     elif mode == "auto":
         train, valid = auto_split(train, fraction, int(data_cfg.get("split_seed", 42)))
     else:

@@ -62,6 +62,7 @@ class ValidationReport:
     n_control_text: int = 0  # examples whose content contains a control token's text
     context_length: Optional[int] = None
     readable: bool = True
+    label_counts: Optional[dict] = None  # classification data: label -> examples (phitune.classify.data)
 
     @property
     def ok(self) -> bool:
@@ -91,14 +92,15 @@ class ValidationReport:
                 f"p95 {ts['p95']}, max {ts['max']}"
             )
             ctx = f" (examples capped at {self.context_length} tokens)" if self.context_length else ""
-            lines.append(
-                f"  assistant (trained) tokens: {ts['assistant']:,}; training tokens per epoch: "
-                f"{ts['train_per_epoch']:,}{ctx}"
-            )
+            trained = f"assistant (trained) tokens: {ts['assistant']:,}; " if self.label_counts is None else ""
+            lines.append(f"  {trained}training tokens per epoch: {ts['train_per_epoch']:,}{ctx}")
             if ts.get("over_context"):
                 lines.append(f"  {ts['over_context']} examples are longer than the context and will be truncated")
         elif ts is None:
             lines.append("  tokens: not counted (no tokenizer)")
+        if self.label_counts is not None:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self.label_counts.items()))
+            lines.append(f"  labels: {len(self.label_counts)} ({counts})")
         if self.n_control_text:
             lines.append(f"  {self.n_control_text} examples contain control-token text (trained as plain text)")
         verdict = "usable" if self.ok else "NOT usable"
@@ -131,18 +133,22 @@ def check_example(obj: Any) -> "tuple[list[str], list[str]]":
     """Errors and warnings of one parsed line (without the `FILE:LINE:` prefix)."""
     if not isinstance(obj, dict):
         return [f"expected a JSON object per line, got {_json_type(obj)}"], []
-    errors: list[str] = []
     warnings: list[str] = []
     for key in obj:
         if key != "messages" and key not in EXTRA_TOP_KEYS:
             warnings.append(f'unknown top-level key "{key}" (ignored; expected "messages")')
     if "messages" not in obj:
         return ['no "messages" key'], warnings
-    messages = obj["messages"]
+    return check_messages(obj["messages"]), warnings
+
+
+def check_messages(messages: Any, require_assistant: bool = True) -> list[str]:
+    """Errors of one example's "messages" list; a classified conversation needs no assistant turn."""
+    errors: list[str] = []
     if not isinstance(messages, list):
-        return [f'"messages" must be a list, got {_json_type(messages)}'], warnings
+        return [f'"messages" must be a list, got {_json_type(messages)}']
     if not messages:
-        return ['"messages" is empty'], warnings
+        return ['"messages" is empty']
     n_assistant = n_trained = 0
     for i, msg in enumerate(messages, start=1):
         where = f"message {i}"
@@ -177,11 +183,16 @@ def check_example(obj: Any) -> "tuple[list[str], list[str]]":
         if role == "assistant":
             n_assistant += 1
             n_trained += weight == 1
-    if n_assistant == 0:
+    if require_assistant and n_assistant == 0:
         errors.append("no assistant message to learn from")
-    elif n_trained == 0:
+    elif require_assistant and n_trained == 0:
         errors.append("every assistant message has weight 0: nothing to learn from")
-    return errors, warnings
+    return errors
+
+
+def _chat_check(obj: Any, lineno: int) -> "tuple[list[str], list[str], Optional[list]]":
+    errors, warnings = check_example(obj)
+    return errors, warnings, None if errors else obj["messages"]
 
 
 def _decode(raw: bytes) -> "tuple[str, bool]":
@@ -223,11 +234,17 @@ def validate_file(
     context_length: Optional[int] = None,
     max_stored: int = DEFAULT_MAX_STORED,
     control_tokens: Sequence[str] = (),
+    check: Optional[Callable] = None,
 ) -> ValidationReport:
     """Validate one chat JSONL file; never raises for bad input (it becomes a Problem).
 
     control_tokens: the model's special tokens (phitune.chat.chat_tokens); content
-    containing their text is warned about, line by line."""
+    containing their text is warned about, line by line.
+    check(obj, lineno) -> (errors, warnings, messages): another task's line format
+    (phitune.classify.data); default: chat's {"messages": [...]}, and the chat-only file rules
+    (Foundry's minimum count, examples without a system message)."""
+    chat = check is None
+    check = check or _chat_check
     spath = str(path)
     report = ValidationReport(path=spath, context_length=context_length)
 
@@ -286,14 +303,13 @@ def validate_file(
                 except RecursionError:
                     add(lineno, "invalid JSON: nested too deeply")
                     continue
-                errors, warnings = check_example(obj)
+                errors, warnings, messages = check(obj, lineno)
                 for message in errors:
                     add(lineno, message)
                 for message in warnings:
                     add(lineno, message, "warning")
                 if errors:
                     continue
-                messages = obj["messages"]
                 forged = control_token_warnings(messages, control_tokens)
                 for message in forged:
                     add(lineno, message, "warning")
@@ -332,9 +348,9 @@ def validate_file(
         add(0, "the file is empty" if report.n_lines == 0 else "the file has only blank lines", force=True)
     elif report.n_examples == 0 and report.n_errors == 0:
         add(0, "no usable examples", force=True)
-    if 0 < report.n_examples < MIN_EXAMPLES:
+    if chat and 0 < report.n_examples < MIN_EXAMPLES:
         add(0, f"only {report.n_examples} examples; Azure AI Foundry requires at least {MIN_EXAMPLES}", "warning", force=True)
-    if report.n_without_system:
+    if chat and report.n_without_system:
         add(first_without_system,
             f"no system message ({report.n_without_system} of {report.n_examples} examples have none; "
             "the model learns to answer without one)", "warning", force=True)
