@@ -51,8 +51,8 @@ def store(tmp_path_factory):
     }
     single = _run(client, exp, params={"train.learning_rate_multiplier": 1.0, "train.batch_size_multiplier": 1,
                                        "train.epochs": 3, "model.name": "tiny-phi3"},
-                  metrics={"full_valid_loss": 1.0, "full_valid_mean_token_accuracy": 0.5, "perplexity": 2.718},
-                  name="single")
+                  metrics={"full_valid_loss": 1.0, "full_valid_mean_token_accuracy": 0.5, "perplexity": 2.718,
+                           "train_runtime_s": 12.0}, name="single")
     killed = _run(client, exp, params={"train.learning_rate_multiplier": 1.0, "train.batch_size_multiplier": 1,
                                        "train.epochs": 3, "model.name": "tiny-phi3"}, status="KILLED", name="killed")
     evaluation = _run(client, exp, metrics={"eval_loss": 0.1}, tags={"phitune.role": "eval", "phitune.eval_of": single},
@@ -133,10 +133,29 @@ def test_sweep_latest_and_errors(store, capsys):
     assert rc == 0 and json.loads(out)["sweep"] == store["parent"]
     rc, _, err = _compare(capsys, store, "--experiment", "nope")
     assert rc == 1 and "no experiment 'nope'" in err and "exp" in err
-    rc, _, err = _compare(capsys, store, "--experiment", "exp", "--metric", "tokens_per_second")
-    assert rc == 1 and "--direction" in err
+    rc, _, err = _compare(capsys, store, "--experiment", "exp", "--metric", "train_runtime_s")
+    assert rc == 1 and "--direction" in err  # a metric that exists, with no known direction
     rc, _, err = _compare(capsys, store, "--sweep", "0123456789abcdef")
     assert rc == 1 and "no such run" in err
+
+
+def test_bad_options_say_what_there_is(store, capsys):
+    """A typo'd metric lists the metrics the runs have (not a column of dashes); a run that is not a
+    sweep, a negative --top and a store MLflow cannot open are one-line errors, exit != 0."""
+    for metric in ("ful_valid_loss", "tokens_per_second"):  # with and without a known direction
+        rc, out, err = _compare(capsys, store, "--experiment", "exp", "--metric", metric)
+        assert rc == 1 and not out and f"--metric {metric}: none of these 7 run(s) has it" in err
+        assert "full_valid_loss, full_valid_mean_token_accuracy, perplexity, train_runtime_s" in err
+    rc, _, err = _compare(capsys, store, "--sweep", store["parent"], "--metric", "perplexity")
+    assert rc == 1 and "none of these 5 run(s)" in err  # only the single run has it, not the trials
+    rc, _, err = _compare(capsys, store, "--sweep", store["single"])
+    assert rc == 1 and "not a sweep's parent run" in err
+    with pytest.raises(SystemExit) as exit_:
+        _compare(capsys, store, "--top", "-1")
+    assert exit_.value.code == 2 and "expected a number of rows" in capsys.readouterr().err
+    rc = main(["compare", "--tracking-uri", "nosuchscheme://x"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("phitune compare: tracking store nosuchscheme://x:") and "Traceback" not in err
 
 
 def test_missing_store_is_a_message_not_a_new_database(tmp_path, capsys):

@@ -153,7 +153,21 @@ def test_a_sweep_promotes_its_best_finished_trial_never_a_pruned_one(store, caps
     rc, _, err = promote(capsys, store, "--run", kids[1], "--name", "swept")
     assert rc == 1 and "is pruned, not finished" in err
     rc, _, err = promote(capsys, store, "--sweep", parent, "--name", "swept", "--metric", "eval_bleu")
-    assert rc == 1 and "no finished run with eval_bleu" in err
+    assert rc == 1 and "--metric eval_bleu: none of these 4 run(s) has it; the metrics they have: full_valid_loss" in err
+    rc, _, err = promote(capsys, store, "--sweep", kids[0], "--name", "swept")
+    assert rc == 1 and "not a sweep's parent run" in err
+
+
+def test_bad_alias_or_store_is_refused_before_anything_is_registered(store, capsys):
+    """MLflow checks an alias only when it is set, after the version exists: phitune checks first."""
+    client = store["client"]
+    rid = fake_run(store, metrics={"full_valid_loss": 1.0})
+    for alias, why in (("bad alias!", "Names may only contain"), ("latest", "reserved"), ("v3", "reserved")):
+        rc, out, err = promote(capsys, store, "--run", rid, "--name", "aliased", "--alias", alias)
+        assert rc == 1 and f"--alias {alias}: " in err and why in err and "Traceback" not in err
+    assert client.search_registered_models("name = 'aliased'") == []
+    rc = main(["promote", "--tracking-uri", "nosuchscheme://x", "--run", rid, "--name", "aliased"])
+    assert rc == 1 and "phitune promote: tracking store nosuchscheme://x:" in capsys.readouterr().err
 
 
 def test_epoch_checkpoints_are_candidates(real, capsys, tmp_path):

@@ -17,15 +17,26 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default="full_valid_loss", help="rank by this metric (default: full_valid_loss)")
     p.add_argument("--direction", choices=["min", "max"],
                    help="min: lower is better (default for *loss, perplexity); max: higher (default for *accuracy)")
-    p.add_argument("--top", type=int, metavar="N", help="show the first N rows only")
+    p.add_argument("--top", type=_count, metavar="N", help="show the first N rows only")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     p.set_defaults(func=run)
 
 
+def _count(text: str) -> int:
+    import argparse
+
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text}: expected a number of rows (0 or more)")
+    return int(text)
+
+
 def run(args) -> int:
+    from mlflow.exceptions import MlflowException
+
     from phitune.errors import PhituneError
     from phitune.models.uri import client_for, tracking_uri
+    from phitune.redact import redact_text
     from phitune.registry.compare import leaderboard, render
 
     try:
@@ -35,6 +46,10 @@ def run(args) -> int:
     except PhituneError as exc:
         print(f"phitune compare: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MlflowException as exc:  # the store: unreachable server, unknown URI scheme, ...
+        print(f"phitune compare: tracking store {redact_text(tracking_uri(args.tracking_uri))}: "
+              f"{redact_text(str(exc.message).splitlines()[0])[:500]}", file=sys.stderr)
+        return 1
     out = render(lb, args.format)
     sys.stdout.write(out if out.endswith("\n") else out + "\n")
     return 0

@@ -29,8 +29,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from mlflow.exceptions import MlflowException
+
     from phitune.errors import PhituneError
     from phitune.models.uri import client_for, tracking_uri
+    from phitune.redact import redact_text
     from phitune.registry import store
     from phitune.registry.promote import promote
 
@@ -45,6 +48,10 @@ def run(args) -> int:
     except PhituneError as exc:
         print(f"phitune promote: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MlflowException as exc:  # the store: unreachable server, unknown URI scheme, ...
+        print(f"phitune promote: tracking store {redact_text(tracking_uri(args.tracking_uri))}: "
+              f"{redact_text(str(exc.message).splitlines()[0])[:500]}", file=sys.stderr)
+        return 1
     if result.version and not result.refused:
         if result.alias == args.alias:
             print(f"serve it: phitune serve models:/{args.name}@{args.alias}")

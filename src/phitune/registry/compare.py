@@ -82,8 +82,9 @@ def swept_params(runs: list, parent=None) -> list:
 
 def leaderboard(client, *, experiment: Optional[str] = None, sweep: Optional[str] = None,
                 metric: str = "full_valid_loss", direction: Optional[str] = None, top: Optional[int] = None) -> Leaderboard:
-    direction = store.direction_for(metric, direction)
     runs, parent = store.select_runs(client, experiment=experiment, sweep=sweep)
+    store.check_metric(runs, metric)
+    direction = store.direction_for(metric, direction)
     rows = [Row(rank=None, run_id=r.info.run_id, run_name=r.info.run_name or "", trial=store.trial_number(r),
                 state=store.run_state(r), params=dict(r.data.params), metrics=dict(r.data.metrics),
                 value=_value(r, metric), start_time=r.info.start_time or 0) for r in runs]

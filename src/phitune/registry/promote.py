@@ -284,8 +284,10 @@ def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", d
             alias: str = "champion", checkpoint: str = "last", force: bool = False, parent_id: Optional[str] = None,
             say: Callable[[str], None] = print) -> PromoteResult:
     """Register the best candidate of `runs` as a version of `name` and apply the gate."""
-    from mlflow.utils.validation import _validate_model_name
+    from mlflow.utils.validation import (_validate_model_alias_name, _validate_model_alias_name_reserved,
+                                         _validate_model_name)
 
+    store.check_metric(runs, metric)
     direction = store.direction_for(metric, direction)
     if checkpoint not in ("best", "last") and not str(checkpoint).isdigit():
         raise PhituneError(f"--checkpoint {checkpoint}: expected best, last or an epoch number")
@@ -295,6 +297,11 @@ def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", d
         _validate_model_name(name)
     except Exception as exc:
         raise PhituneError(f"--name {name}: {exc}") from None
+    try:  # before anything is registered: MLflow refuses such an alias only when it is set
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except Exception as exc:
+        raise PhituneError(f"--alias {alias}: {getattr(exc, 'message', exc)}") from None
     result = PromoteResult(name=name)
 
     def out(line: str) -> None:

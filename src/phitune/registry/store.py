@@ -35,6 +35,15 @@ def direction_for(metric: str, explicit: Optional[str] = None) -> str:
     raise PhituneError(f"metric {metric}: is lower or higher better? say --direction min or --direction max")
 
 
+def check_metric(runs: list, metric: str) -> None:
+    """A metric that no run has is a typo to report with the names there are, not a
+    leaderboard of dashes (nothing to check when there are no runs)."""
+    known = sorted({k for r in runs for k in r.data.metrics})
+    if runs and metric not in known:
+        raise PhituneError(f"--metric {metric}: none of these {len(runs)} run(s) has it; the metrics they have: "
+                           + (", ".join(known) or "none"))
+
+
 def better(a: float, b: float, direction: str) -> bool:
     return a < b if direction == "min" else a > b
 
@@ -92,9 +101,13 @@ def resolve_sweep(client, sweep: str, experiment: Optional[str]):
             raise PhituneError(f"no sweep in experiment {experiment or DEFAULT_EXPERIMENT!r} (python train.py -m starts one)")
         return parents[0]
     try:
-        return client.get_run(sweep)
+        run = client.get_run(sweep)
     except MlflowException:
         raise PhituneError(f"--sweep {sweep}: no such run in the tracking store") from None
+    if run.data.tags.get(ROLE_TAG) != "sweep":
+        raise PhituneError(f"--sweep {sweep}: a run, but not a sweep's parent run (python train.py -m makes one; "
+                           "--sweep latest picks the newest)")
+    return run
 
 
 def select_runs(client, experiment: Optional[str] = None, sweep: Optional[str] = None,
