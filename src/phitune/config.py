@@ -71,6 +71,21 @@ class TrainConfig:
     # Examples per forward pass on one device; the rest of the effective batch is
     # gradient accumulation. effective = base_batch_size * batch_size_multiplier.
     max_device_batch: int = 8
+    # Memory (README "GPUs and memory"). Tokens per packed row on one device, the forward
+    # pass's activation budget: a step's examples are cut into more rows (more accumulation,
+    # same loss and gradient). null = max_device_batch examples whatever their length
+    # (8 x 4,096 = 32,768 tokens). Must hold the longest example (data.max_seq_len).
+    max_device_tokens: Optional[int] = None
+    # Recompute each decoder layer in the backward instead of keeping its activations:
+    # activation memory ~1 layer instead of all, ~1/3 more compute.
+    gradient_checkpointing: bool = False
+    # Labelled tokens per lm_head + cross-entropy chunk: the float32 [tokens, vocab] logits are
+    # never whole (2,048 x 32,064 x 4 B = 263 MB a chunk). null = the plain loss on full logits.
+    loss_chunk_tokens: Optional[int] = 2048
+    # auto: bf16 autocast on CUDA with bf16 support (weights keep their dtype: LoRA and its
+    # optimiser state float32), off elsewhere | bf16 (also on CPU) | off
+    mixed_precision: str = "auto"
+    compile: bool = False  # torch.compile the model (falls back to eager with a note where it cannot)
     max_steps: Optional[int] = None  # stop early (tests, smoke runs)
     eval_steps: int = 10  # valid_loss on one validation batch every N optimizer steps
     full_eval_each_epoch: bool = True

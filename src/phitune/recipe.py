@@ -157,14 +157,17 @@ def _encode(examples, tokenizer, max_len: int, what: str):
 def _setup_training(cfg, data: Data, dist) -> Job:
     import transformers
 
-    from phitune.modeling.loader import apply_training_method, load_model
+    from phitune.modeling.loader import apply_training_method, compile_layers, load_model
     from phitune.optim import build_optimizer, build_scheduler
     from phitune.train.loop import LoopSpec, TrainState, steps_per_epoch
+    from phitune.train import memory
     from phitune.train.schedule import learning_rate, plan_batch, resolve_epochs
 
     epochs = resolve_epochs(cfg.train.epochs, len(data.train))
     plan = plan_batch(cfg.model.base_batch_size, cfg.train.batch_size_multiplier, cfg.train.max_device_batch,
                       dist.world_size)
+    memory.check_settings(cfg.train, max(len(e.input_ids) for e in data.train + data.valid),
+                          int(cfg.data.max_seq_len or cfg.model.context_length))
     lr = learning_rate(cfg.model.base_learning_rate, cfg.train.learning_rate_multiplier)
     total = steps_per_epoch(len(data.train), plan) * epochs
     if cfg.train.max_steps:
@@ -175,6 +178,10 @@ def _setup_training(cfg, data: Data, dist) -> Job:
 
     transformers.set_seed(cfg.seed)
     model = apply_training_method(load_model(cfg.model, device=dist.device), cfg.train, cfg.model)
+    if cfg.train.get("gradient_checkpointing"):
+        memory.enable_gradient_checkpointing(model)
+    if cfg.train.get("compile"):
+        compile_layers(model, dist.device)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 

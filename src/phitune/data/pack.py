@@ -34,7 +34,11 @@ def _check(batch: Sequence[Encoded]) -> None:
 
 
 def pack(batch: Sequence[Encoded]) -> dict:
-    """{"input_ids", "labels", "position_ids"}, each a long tensor [1, T], T = total tokens.
+    """{"input_ids", "labels", "position_ids"}, each a long tensor [1, T], T = total tokens,
+    plus the row's sequence boundaries, computed here once per batch on the CPU under the
+    names transformers' attention reads (flash-attn varlen; phitune's packed_sdpa):
+    "cu_seq_lens_q"/"cu_seq_lens_k" (int32 [examples + 1], 0, L1, L1+L2, ..., T) and
+    "max_length_q"/"max_length_k" (int, the longest example).
 
     The first label of every example is IGNORE_INDEX: after the causal shift it
     would be predicted from the previous example's last token.
@@ -48,10 +52,13 @@ def pack(batch: Sequence[Encoded]) -> dict:
         labels.append(IGNORE_INDEX)
         labels.extend(ex.labels[1:])
         positions.extend(range(len(ex.input_ids)))
+    cu = torch.tensor(np.cumsum([0] + [len(ex.input_ids) for ex in batch]), dtype=torch.int32)
+    longest = max(len(ex.input_ids) for ex in batch)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
 
 
@@ -84,3 +91,33 @@ def plan_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int)
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(len(lengths)).tolist()
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def bound_by_tokens(groups: Sequence[Sequence[int]], lengths: Sequence[int], max_tokens: int | None,
+                    max_examples: int | None = None) -> list[list[int]]:
+    """The examples of `groups` (one optimizer step's micro-batches) re-cut into packed rows of
+    at most `max_tokens` tokens and `max_examples` examples (train.max_device_tokens,
+    train.max_device_batch); `groups` unchanged when max_tokens is None.
+
+    First-fit decreasing: long examples open rows, short ones fill the gaps, so a step of
+    sixteen 3,000-token examples under 8,192 tokens runs 8 rows of 2, not 16 of 1. The
+    rows hold exactly the step's examples and the loss is summed over labelled tokens and
+    divided by the step's count, so the step's loss and gradient do not change.
+    """
+    if max_tokens is None:
+        return [list(g) for g in groups]
+    rows: list[list[int]] = []
+    free: list[int] = []  # tokens left in each row
+    for i in sorted((i for g in groups for i in g), key=lambda i: (-lengths[i], i)):
+        n = int(lengths[i])
+        if n > max_tokens:
+            raise ValueError(f"example {i} has {n} tokens, more than max_tokens={max_tokens}")
+        r = next((r for r, room in enumerate(free) if room >= n and (not max_examples or len(rows[r]) < max_examples)),
+                 None)
+        if r is None:
+            rows.append([])
+            free.append(int(max_tokens))
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= n
+    return rows

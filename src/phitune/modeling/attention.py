@@ -26,10 +26,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    bounds = starts + [query.shape[2]]
+    bounds = _bounds(kwargs.get("cu_seq_lens_q"), position_ids, query.shape[2])
     if key.shape[1] != query.shape[1]:  # grouped-query attention: one k/v head serves several q heads
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -50,6 +47,23 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
+_LAST: list = [None, None]  # (cu_seq_lens tensor, its bounds as ints): one host copy per batch, not per layer
+
+
+def _bounds(cu, position_ids, total: int) -> list[int]:
+    """The packed examples' boundaries [0, L1, L1+L2, ..., T]: from pack()'s cu_seq_lens (read to
+    the host once per batch: every layer gets the same tensor), else from the position ids."""
+    if cu is not None and int(cu.numel()) >= 2:
+        if _LAST[0] is not cu:
+            _LAST[:] = [cu, [int(x) for x in cu.tolist()]]
+        if _LAST[1][-1] == total:
+            return _LAST[1]
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return starts + [total]
+
+
 def _packed_mask(*args, attention_mask=None, q_length=None, kv_length=None, **kwargs):
     """No [T, T] mask when the attention above slices the row itself; transformers' sdpa mask otherwise."""
     from transformers.masking_utils import sdpa_mask
@@ -68,6 +82,27 @@ def register() -> str:
     return NAME
 
 
-def resolve(attn: str | None) -> str | None:
-    """Config value -> the name transformers knows (registering phitune's own on first use)."""
+FLASH = "flash_attention_2"
+
+
+def resolve(attn: str | None, device=None) -> str | None:
+    """Config value -> the name transformers knows (registering phitune's own on first use).
+
+    flash_attention_2 needs a CUDA device and the flash-attn package; without them, packed_sdpa
+    (same logits) with a one-line note."""
+    if attn == FLASH and device is not None:
+        why = _flash_missing(device)
+        if why:
+            from phitune.train.forward import note_once
+
+            note_once(f"model.attn_implementation={FLASH}: {why}; using {CONFIG_NAME}")
+            attn = CONFIG_NAME
     return register() if attn == CONFIG_NAME else attn
+
+
+def _flash_missing(device) -> str | None:
+    import importlib.util
+
+    if torch.device(device).type != "cuda":
+        return f"no CUDA device ({device})"
+    return None if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"

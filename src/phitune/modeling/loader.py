@@ -116,7 +116,7 @@ def load_model(model_cfg, device: str = "cpu", dtype=None):
     kwargs[dtype_key] = torch_dtype
     from phitune.modeling.attention import resolve
 
-    attn = resolve(_get(model_cfg, "attn_implementation"))
+    attn = resolve(_get(model_cfg, "attn_implementation"), device)
     if attn:
         kwargs["attn_implementation"] = attn
     try:
@@ -220,3 +220,30 @@ def load_for_inference(base_ref: dict, adapter_dir: str | None, device: str = "c
     else:
         tokenizer = load_tokenizer(model_cfg)
     return model, tokenizer
+
+
+def compile_layers(model, device) -> None:
+    """train.compile=true: torch.compile each decoder layer in place (parameter names, hence
+    checkpoints and adapters, unchanged; dynamic shapes, since packed rows vary in length).
+    Eager, with a one-line note, where the compiler cannot run."""
+    import shutil
+
+    import torch
+
+    from phitune.train.forward import note_once
+
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+
+        why = None if has_triton() else "Triton is not installed"
+    else:
+        why = None if (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")) else "no C++ compiler found"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None and why is None:
+        why = f"{type(base).__name__} has no list of decoder layers"
+    if why:
+        note_once(f"train.compile=true: {why}; the model runs eagerly")
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)

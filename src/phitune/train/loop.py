@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from phitune.data.pack import pack, plan_batches
+from phitune.data.pack import bound_by_tokens, pack, plan_batches
 from phitune.train import checkpoint as ckpt
 from phitune.train.callbacks import Callback
 from phitune.train.distributed import Dist
+from phitune.train.forward import autocast_dtype, forward_stats
 from phitune.train.schedule import BatchPlan
-from phitune.train.tokens import labelled_tokens, token_stats
+from phitune.train.tokens import labelled_tokens
 
 
 @dataclass
@@ -44,13 +45,18 @@ class LoopSpec:
     keep_checkpoints: int = 3
     output_dir: str | None = None
     progress: bool = True
+    max_device_tokens: int | None = None  # tokens per packed row (None: max_device_batch examples, any length)
+    loss_chunk_tokens: int | None = None  # labelled tokens per lm_head + loss chunk (None: full logits)
+    mixed_precision: str = "off"  # auto | bf16 | off (phitune.train.forward.autocast_dtype)
 
     @classmethod
     def from_config(cls, train_cfg, *, epochs: int, plan: BatchPlan, seed: int, output_dir: str | None) -> "LoopSpec":
         """The loop's settings from the `train` config group; the rest are resolved by the recipe."""
         shared = ("eval_steps", "max_steps", "max_grad_norm", "full_eval_each_epoch", "progress")
+        memory = {k: train_cfg.get(k, cls.__dataclass_fields__[k].default)
+                  for k in ("max_device_tokens", "loss_chunk_tokens", "mixed_precision")}
         return cls(epochs=epochs, plan=plan, seed=seed, output_dir=output_dir,
-                   keep_checkpoints=train_cfg.keep_checkpoints, **{k: train_cfg[k] for k in shared})
+                   keep_checkpoints=train_cfg.keep_checkpoints, **{k: train_cfg[k] for k in shared}, **memory)
 
 
 def steps_per_epoch(n_examples: int, plan: BatchPlan) -> int:
@@ -59,28 +65,30 @@ def steps_per_epoch(n_examples: int, plan: BatchPlan) -> int:
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _forward(model, batch: dict):
-    # use_cache=False: with a cache, the packed rows' position_ids would not be read as
-    # sequence boundaries and one example would attend to the previous one.
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return token_stats(out.logits, batch["labels"])
+def _forward(model, batch: dict, spec: LoopSpec | None = None, amp=None):
+    return forward_stats(model, batch, spec.loss_chunk_tokens if spec else None, amp)
 
 
 @torch.no_grad()
-def evaluate(model, examples: list, device_batch: int, dist: Dist, batch_ids: list[list[int]] | None = None) -> dict:
-    """Loss and token accuracy over `examples` (sharded across devices)."""
+def evaluate(model, examples: list, device_batch: int, dist: Dist, batch_ids: list[list[int]] | None = None,
+             spec: LoopSpec | None = None) -> dict:
+    """Loss and token accuracy over `examples` (sharded across devices); `spec`: the memory settings."""
     # The unwrapped module: a DDP forward would start collectives that only some ranks join.
     model = ckpt._unwrap(model)
     was_training = model.training
     model.eval()
     groups = batch_ids if batch_ids is not None else [list(range(i, min(i + device_batch, len(examples))))
                                                       for i in range(0, len(examples), device_batch)]
+    if spec is not None and spec.max_device_tokens:
+        lengths = [len(e.input_ids) for e in examples]
+        groups = [row for g in groups for row in bound_by_tokens([g], lengths, spec.max_device_tokens)]
+    amp = autocast_dtype(spec.mixed_precision, dist.device) if spec is not None else None
     ce = correct = count = 0.0
     for group in groups[dist.rank::dist.world_size]:
-        c, k, n = _forward(model, _to(pack([examples[i] for i in group]), dist.device))
+        c, k, n = _forward(model, _to(pack([examples[i] for i in group]), dist.device), spec, amp)
         ce, correct, count = ce + float(c), correct + float(k), count + float(n)
     ce, correct, count = dist.all_sum(ce, correct, count)
     model.train(was_training)
@@ -104,6 +112,7 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                disable=not (spec.progress and dist.is_main))
     model.train()
     mbs_per_step = plan.grad_accum * plan.world_size
+    amp = autocast_dtype(spec.mixed_precision, dist.device)
     try:
         for epoch in range(state.epoch, spec.epochs):
             if state.step >= total_steps:
@@ -116,21 +125,24 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                     continue  # only reached when a mid-epoch state is restored
                 if state.step >= total_steps:
                     break
-                groups = micro[s * mbs_per_step:(s + 1) * mbs_per_step]
+                # train.max_device_tokens: the step's examples in more, shorter rows (same loss and gradient)
+                groups = bound_by_tokens(micro[s * mbs_per_step:(s + 1) * mbs_per_step], lengths,
+                                         spec.max_device_tokens, plan.device_batch)
                 batches = [pack([train_examples[i] for i in g]) for g in groups]
                 step_tokens = sum(labelled_tokens(b["labels"]) for b in batches)
                 mine = batches[dist.rank::dist.world_size]
-                # every device must run grad_accum passes for DDP's all-reduce to line up;
+                # every device must run as many passes for DDP's all-reduce to line up;
                 # a device short of data repeats a batch with zero weight.
-                weights = [1.0] * len(mine) + [0.0] * (plan.grad_accum - len(mine))
-                mine = mine + [batches[0]] * (plan.grad_accum - len(mine))
+                passes = max(plan.grad_accum, math.ceil(len(batches) / plan.world_size))
+                weights = [1.0] * len(mine) + [0.0] * (passes - len(mine))
+                mine = mine + [batches[0]] * (passes - len(mine))
                 ce_sum = correct = 0.0
                 seen = 0
                 for j, (batch, w) in enumerate(zip(mine, weights)):
                     batch = _to(batch, dist.device)
                     sync = contextlib.nullcontext() if (j == len(mine) - 1 or not dist.enabled) else model.no_sync()
                     with sync:
-                        c, k, _ = _forward(model, batch)
+                        c, k, _ = _forward(model, batch, spec, amp)
                         # DDP averages gradients over devices: scale by world_size so the
                         # step's gradient is the mean over all its labelled tokens.
                         loss = c * (w * plan.world_size / max(1, step_tokens))
@@ -152,7 +164,8 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                 if valid_groups and spec.eval_steps and state.step % spec.eval_steps == 0:
                     # Azure's valid_loss: one validation batch, cycling through the set.
                     g = valid_groups[(state.step // spec.eval_steps - 1) % len(valid_groups)]
-                    v = evaluate(model, valid_examples, plan.device_batch, Dist(device=dist.device), [g]) if dist.is_main else None
+                    v = (evaluate(model, valid_examples, plan.device_batch, Dist(device=dist.device), [g], spec)
+                         if dist.is_main else None)
                     if dist.is_main:
                         row.update(valid_loss=v["loss"], valid_mean_token_accuracy=v["mean_token_accuracy"])
                 state.history.append(row) if dist.is_main else None
@@ -167,7 +180,7 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
             epoch_done = state.step >= first_step + per_epoch
             metrics = {}
             if spec.full_eval_each_epoch and valid_examples:
-                full = evaluate(model, valid_examples, plan.device_batch, dist)
+                full = evaluate(model, valid_examples, plan.device_batch, dist, spec=spec)
                 metrics = {"full_valid_loss": full["loss"], "full_valid_mean_token_accuracy": full["mean_token_accuracy"],
                            "perplexity": math.exp(min(full["loss"], 50.0))}
                 if dist.is_main and state.history:
