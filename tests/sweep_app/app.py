@@ -39,6 +39,8 @@ def main(cfg: DictConfig) -> float:
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     mlflow.start_run(experiment_id=experiment_id(cfg.tracking), tags=tags)
+    if reporter:
+        reporter.plan(cfg.toy.steps * TOKENS_PER_STEP)  # what the trial trains unless pruned
     try:
         mlflow.log_params({"x": cfg.x, "y": cfg.y})
         loss = float("nan")

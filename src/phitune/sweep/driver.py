@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phitune import redact
 from phitune.errors import PhituneError
-from phitune.sweep import contract
+from phitune.sweep import contract, pruning
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
@@ -221,7 +221,7 @@ class Sweep:
         self.job_storage = st.job_storage_ref(self.url)  # `env:NAME` if the URL has a password
         self.job_fixed = hide_secret_overrides(self.plan.fixed)  # e.g. tracking.uri with a password
         _hide_secret_hydra_overrides(ctx.config)  # e.g. hydra.sweeper.storage with a password
-        self.pruner_spec = st.pruner_spec(self.s.pruner)
+        self.pruner_spec = pruning.pruner_spec(self.s.pruner)
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
         self.n_jobs = batch_size(self.s.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher.n_jobs", default=None))
@@ -249,7 +249,7 @@ class Sweep:
         self.storage = st.open_storage(self.url, self.s.heartbeat_interval, self.s.grace_period, stale_callback=retry)
         self.retry = retry
         sampler = st.make_sampler(self.s.sampler, self.plan.space)
-        pruner = st.build_pruner(self.pruner_spec)
+        pruner = pruning.build_pruner(self.pruner_spec)
         try:
             study = optuna.create_study(storage=self.storage, study_name=self.study_name, directions=self.directions,
                                         sampler=sampler, pruner=pruner)

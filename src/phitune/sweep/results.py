@@ -8,6 +8,7 @@ import math
 import tempfile
 from pathlib import Path
 
+from phitune.sweep.axis import PLANNED_ATTR
 from phitune.sweep.study import (DISCARDED_ATTR, ERROR_ATTR, MLFLOW_RUN_ATTR, TOKENS_ATTR, best_trial,
                                  superseded_numbers)
 
@@ -32,6 +33,7 @@ def trials_table(study) -> list[dict]:
             **{f"params.{k}": v for k, v in t.params.items()},
             "last_step": t.last_step,
             "train_tokens": t.user_attrs.get(TOKENS_ATTR),
+            "planned_tokens": t.user_attrs.get(PLANNED_ATTR),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "retry_of": t.system_attrs.get("failed_trial"),
             "retried_by": retried_by.get(t.number) if t.number in gone else None,
@@ -53,6 +55,40 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         for r in rows:
             w.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
     return path
+
+
+def compute_spent(study) -> dict:
+    """Training tokens the sweep's trials trained, and what they would have trained unpruned.
+
+    Every trial that ran counts (complete, pruned, failed, retried) at the tokens it trained;
+    unpruned, a pruned trial would also have trained the rest of its planned tokens
+    (phitune.sweep.axis.PLANNED_ATTR, recorded by the job). `unpruned` is None when a pruned
+    trial recorded no plan (an app that does not call TrialReporter.plan)."""
+    from optuna.trial import TrialState
+
+    spent = unpruned = seconds = 0
+    unknown = pruned = 0
+    for t in study.get_trials(deepcopy=False):
+        tokens = int(t.user_attrs.get(TOKENS_ATTR) or 0)
+        spent += tokens
+        seconds += t.duration.total_seconds() if t.duration else 0.0
+        if t.state == TrialState.PRUNED:
+            pruned += 1
+            planned = t.user_attrs.get(PLANNED_ATTR)
+            unknown += planned is None
+            tokens = max(tokens, int(planned or 0))
+        unpruned += tokens
+    return {"tokens": spent, "unpruned": None if unknown else unpruned, "pruned": pruned, "seconds": seconds,
+            "ratio": spent / unpruned if unpruned and not unknown else None}
+
+
+def compute_line(c: dict) -> str:
+    """`123,456 training tokens: 0.38 of the 321,000 an unpruned sweep would have trained (9 trials pruned)`."""
+    head = f"{c['tokens']:,} training tokens"
+    if c["unpruned"] is None:
+        return head + f"; what {c['pruned']} pruned trial(s) would have trained is unknown (no planned length recorded)"
+    return head + (f": {c['ratio']:.2f} of the {c['unpruned']:,} an unpruned sweep would have trained"
+                   f" ({c['pruned']} trial{'s' if c['pruned'] != 1 else ''} pruned)" if c["ratio"] is not None else "")
 
 
 def results_dict(study) -> dict:
@@ -81,7 +117,7 @@ def write_results(study, sweep_dir: Path, counts, n_trials: int, stop_reason: st
     sweep_dir.mkdir(parents=True, exist_ok=True)
     data = dict(results_dict(study), n_trials=n_trials,
                 trials={"complete": counts.complete, "pruned": counts.pruned, "failed": counts.failed},
-                train_tokens=counts.tokens, stopped=stop_reason)
+                train_tokens=counts.tokens, train_tokens_unpruned=compute_spent(study)["unpruned"], stopped=stop_reason)
     path = sweep_dir / "optimization_results.yaml"
     OmegaConf.save(OmegaConf.create(data), path)
     write_csv(trials_table(study), sweep_dir / "trials.csv")
@@ -111,6 +147,7 @@ def summary_note(study, metric: str, counts, best, best_run_id: str | None) -> s
         lines += [f"{len(study.best_trials)} Pareto-optimal trial(s): see pareto_front.json.", ""]
     else:
         lines += ["No complete trial yet.", ""]
+    lines += [f"Compute: {compute_line(compute_spent(study))}.", ""]
     lines.append("Plots: artifacts `plots/` (`optuna_plots.html` is interactive); every trial: `trials.csv`.")
     return "\n".join(lines)
 
@@ -128,6 +165,15 @@ def log_to_parent(parent, study, metric: str, counts, sweep_dir: Path, plots: bo
     client.log_metric(run_id, "n_pruned", counts.pruned, step=step)
     client.log_metric(run_id, "n_failed", counts.failed, step=step)
     client.log_metric(run_id, "train_tokens_total", counts.tokens, step=step)
+    spent = compute_spent(study)
+    client.log_metric(run_id, "trial_seconds_total", spent["seconds"], step=step)
+    if spent["unpruned"] is not None:
+        # What pruning saved: the unpruned figure adds the rest of each pruned trial's planned tokens.
+        client.log_metric(run_id, "train_tokens_unpruned", spent["unpruned"], step=step)
+        client.log_metric(run_id, "train_tokens_saved", spent["unpruned"] - spent["tokens"], step=step)
+        if spent["ratio"] is not None:
+            client.log_metric(run_id, "pruning_tokens_ratio", spent["ratio"], step=step)
+    client.set_tag(run_id, "phitune.compute", compute_line(spent))
     if best is not None and math.isfinite(best.value):
         # Metrics and tags, not params: the best changes as a resumed sweep goes on.
         client.log_metric(run_id, f"best_{metric}", float(best.value), step=step)

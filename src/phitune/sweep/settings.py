@@ -132,17 +132,36 @@ SAMPLER_GROUP = {"tpe": TPESamplerConf, "random": RandomSamplerConf, "grid": Gri
 
 @dataclass
 class PrunerConf:
-    name: str = "median"  # median | successive_halving | hyperband | threshold | none
-    # median: no pruning until this many trials completed, nor before step n_warmup_steps
-    # (steps as the job reports them; a report at exactly that step can prune).
+    """How trials are stopped early (phitune.sweep.pruning). phitune's train.py reports the loss
+    on a fixed validation subset against the training tokens seen (phitune.sweep.axis), so
+    `steps` below are tokens there; any other app's steps are what it passes to report()."""
+
+    name: str = "median"  # median | percentile | successive_halving | hyperband | wilcoxon | threshold | none
+    # train.py: a report every this fraction of an epoch (one pass over the training data: the
+    # same tokens for every trial of a sweep), on the first report_examples validation examples.
+    report_every: float = 0.1
+    report_examples: int = 16
+    # median, percentile, wilcoxon, threshold: no pruning before a trial has trained this
+    # fraction of its own planned tokens (0.1: a 3-epoch trial from 0.3 epochs, a 1-epoch from 0.1).
+    warmup: float = 0.0
+    # median / percentile: no pruning until this many trials completed, nor before step
+    # n_warmup_steps (steps as reported); a trial is compared with the completed trials that
+    # reported at the same step, at least n_min_trials of them.
     n_startup_trials: int = 5
     n_warmup_steps: int = 0
     interval_steps: int = 1
-    # successive_halving / hyperband: resources are the job's report steps.
+    n_min_trials: int = 1
+    percentile: float = 25.0  # percentile: prune a trial worse than this percentile (median = 50)
+    # successive_halving / hyperband: resources in reported steps. min_resource auto = the first
+    # report point for train.py; max_resource (hyperband) auto = the longest planned trial so far.
     min_resource: Any = "auto"
-    max_resource: Any = "auto"  # hyperband
+    max_resource: Any = "auto"
     reduction_factor: int = 3
     min_early_stopping_rate: int = 0  # successive_halving
+    bootstrap_count: int = 0
+    # wilcoxon: for reports that are problem instances (one value per evaluation example), not a curve.
+    p_threshold: float = 0.1
+    n_startup_steps: int = 2
     # threshold: prune as soon as a report leaves [lower, upper] (e.g. a diverging loss).
     lower: Optional[float] = None
     upper: Optional[float] = None

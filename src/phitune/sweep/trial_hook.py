@@ -52,7 +52,8 @@ class TrialReporter:
                                "the sweeper sets all three (don't set them by hand)")
         import optuna
 
-        from phitune.sweep.study import PRUNER_ATTR, build_pruner, display_url, resolve_storage_ref
+        from phitune.sweep.pruning import build_pruner
+        from phitune.sweep.study import PRUNER_ATTR, display_url, resolve_storage_ref
 
         url = resolve_storage_ref(str(url))
         storage = _storage(url)
@@ -71,6 +72,23 @@ class TrialReporter:
             raise PhituneError(f"trial {number} of study {name!r} is {state.name}, not RUNNING: "
                                "only the sweeper that asked for it can start it")
         return cls(study, optuna.trial.Trial(study, trial_id), storage, trial_id, int(number))
+
+    @property
+    def pruner_spec(self) -> dict:
+        """The sweep's pruner settings (phitune.sweep.pruning.pruner_spec), as stored on the study."""
+        from phitune.sweep.study import PRUNER_ATTR
+
+        return dict(self.study.user_attrs.get(PRUNER_ATTR) or {"name": "none"})
+
+    def plan(self, planned_tokens: int, report_tokens: int | None = None) -> None:
+        """Record what this trial trains when nobody stops it, and the tokens between its report
+        points (phitune.sweep.axis): the pruner's warm-up and resources, and the parent run's
+        unpruned-sweep figure, are computed from them. Call it before the first report."""
+        from phitune.sweep.axis import PLANNED_ATTR, REPORT_TOKENS_ATTR
+
+        self.trial.set_user_attr(PLANNED_ATTR, int(planned_tokens))
+        if report_tokens is not None:
+            self.trial.set_user_attr(REPORT_TOKENS_ATTR, int(report_tokens))
 
     def add_tokens(self, n: int) -> None:
         """Count training tokens (written to the trial at each report and at finish)."""
