@@ -81,6 +81,11 @@ def register(subparsers) -> None:
                    help="torch CPU threads for generation (default: torch's choice, one per core); a small model on a "
                         "busy machine is often fastest with 1")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-requests", metavar="FILE",
+                   help="append one chat JSONL line per answered request (the format `phitune data validate` and "
+                        "data.train_file= read, with the model version); content redacted unless --log-request-content")
+    p.add_argument("--log-request-content", action="store_true",
+                   help="keep the messages' text in --log-requests (it may hold personal data)")
     add_filter_arguments(p)
     p.set_defaults(func=_serve)
 
@@ -115,6 +120,13 @@ def _run(args) -> int:
 
         torch.set_num_threads(args.threads)
     prompt_filter, completion_filter = filters_from_args(args)  # a bad filter config fails before the model loads
+    if args.log_request_content and not args.log_requests:
+        raise PhituneError("--log-request-content needs --log-requests FILE")
+    request_log = None
+    if args.log_requests:
+        from phitune.serving.request_log import RequestLog
+
+        request_log = RequestLog(args.log_requests, keep_content=args.log_request_content)
     key, key_source = resolve_api_key(args.api_key_file)
     tracking_uri = default_tracking_uri(args.tracking_uri)
 
@@ -125,7 +137,7 @@ def _run(args) -> int:
         model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
         model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
-    app = build_app(generator, key, settings, prompt_filter, completion_filter)
+    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log)
 
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)
@@ -136,6 +148,10 @@ def _run(args) -> int:
     print(f"serving {args.model_uri} ({source.served_name}{version}) at {url}/v1", flush=True)
     print(f"  deployment {record['id']}: `phitune deployments list`, `phitune undeploy {record['id']}`", flush=True)
     print(f"  content filter: {filter_text}", flush=True)
+    print(f"  metrics: {url}/metrics (Prometheus), `phitune deployments show {record['id']}`", flush=True)
+    if request_log is not None:
+        kept = "content kept" if request_log.keep_content else "content redacted"
+        print(f"  request log: {request_log.path} ({kept})", flush=True)
     if key_source == "generated":
         print(f"  API key (generated; shown once, set PHITUNE_API_KEY to choose one): {key}", flush=True)
     else:

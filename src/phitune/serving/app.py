@@ -1,4 +1,4 @@
-"""The OpenAI-compatible web app: /v1/chat/completions (plain and SSE), /v1/models, /health.
+"""The OpenAI-compatible web app: /v1/chat/completions (plain and SSE), /v1/models, /health, /metrics.
 
     app = build_app(generator, api_key="...", settings=ServerSettings(model_id="support-bot"),
                     prompt_filter=..., completion_filter=...)
@@ -21,13 +21,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phitune.safety.filter import ContentFilter, FilterResult, StreamScreen
 from phitune.serving.auth import KeyChecker, presented_key
 from phitune.serving.engine import Engine, GenParams, QueueFull
+from phitune.serving.metrics import SCOPE_KEY, Exchange, MetricsMiddleware, ServingMetrics
+from phitune.serving.request_log import RequestLog
 from phitune.serving.schemas import APIError, invalid, parse_chat_request
 
 log = logging.getLogger("phitune.serving")
@@ -133,11 +135,13 @@ class ChatService:
     """
 
     def __init__(self, generator, settings: ServerSettings, prompt_filter: ContentFilter | None,
-                 completion_filter: ContentFilter | None):
+                 completion_filter: ContentFilter | None, request_log: RequestLog | None = None):
         self.settings = settings
         self.limit = int(settings.max_tokens_limit or generator.context_length)  # max_tokens accepted
+        self.metrics = ServingMetrics(lambda: self.engine.pending, settings.max_queue + 1)
         self.engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
-                             min(settings.default_max_tokens, self.limit))
+                             min(settings.default_max_tokens, self.limit), on_batch=self.metrics.batch.observe)
+        self.request_log = request_log
         self.prompt_filter, self.completion_filter = prompt_filter, completion_filter
         self.model_id = settings.model_id
         self.created = int(time.time())
@@ -159,6 +163,10 @@ class ChatService:
     async def models(self):
         return {"object": "list", "data": [self._model_card()]}
 
+    async def prometheus(self):
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
     async def model(self, name: str):
         if name != self.model_id:
             raise _unknown_model(name, self.model_id)
@@ -167,24 +175,40 @@ class ChatService:
     # -- POST /v1/chat/completions ------------------------------------------------------
     async def chat_completions(self, request: Request):
         _require_json(request)
+        ex = request.scope.get(SCOPE_KEY) or Exchange(time.monotonic())
         req = parse_chat_request(parse_json(await read_body(request, self.settings.max_body_bytes)), self.limit)
         if req.model is not None and req.model != self.model_id:
+            ex.model = "unknown"  # a client's string never becomes a metric label
             raise _unknown_model(req.model, self.model_id)
+        ex.model = self.model_id
         prompt_results = await self._screen_prompt(req.messages)
         job = self._submit(req)
         prompt_tokens = await self._started(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_id,
                 "system_fingerprint": FINGERPRINT}
         if req.stream:
-            return StreamingResponse(self._stream(job, head, prompt_tokens, prompt_results, req.include_usage),
+            return StreamingResponse(self._stream(job, head, prompt_tokens, prompt_results, req, ex),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await self._complete(job, head, prompt_tokens, prompt_results))
+        return JSONResponse(await self._complete(job, head, prompt_tokens, prompt_results, req, ex))
+
+    def _finished(self, ex: Exchange, job, req, head: dict, text: str | None, finish: str, prompt_tokens: int,
+                  completion_tokens: int) -> None:
+        """Note the outcome for the metrics (counted when the response ends) and the request log."""
+        ex.finish_reason, ex.first_token_at = finish, job.first_token_at
+        ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion_tokens
+        if self.request_log is not None and text is not None and finish in ("stop", "length"):
+            info = self.settings.model_info
+            self.request_log.write(req.messages, text, {
+                "id": head["id"], "model": self.model_id, "model_version": info.get("version"),
+                "model_uri": info.get("resolved_uri") or info.get("uri"), "finish_reason": finish,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}})
 
     async def _screen_prompt(self, messages) -> list | None:
         """The prompt's Azure-style verdict (None when unfiltered); APIError when it is blocked."""
         verdict = await _screen(self.prompt_filter, "\n".join(m["content"] for m in messages))
         if verdict.filtered_categories:
+            self.metrics.blocked("prompt", verdict)
             flagged = ", ".join(f"{c} {s}" for c, s in verdict.flagged())
             raise APIError(400, f"The response was filtered due to the prompt triggering the content management "
                                 f"policy ({flagged}). Please modify your prompt and retry.", "invalid_request_error",
@@ -217,7 +241,7 @@ class ChatService:
             raise self.timeout if kind == "timeout" else payload
         return payload
 
-    async def _complete(self, job, head: dict, prompt_tokens: int, prompt_results) -> dict:
+    async def _complete(self, job, head: dict, prompt_tokens: int, prompt_results, req, ex: Exchange) -> dict:
         try:
             while True:
                 kind, payload = await job.next_event()
@@ -234,6 +258,8 @@ class ChatService:
         finish, content = result["finish_reason"], result["text"]
         if verdict.filtered:
             finish, content = "content_filter", None
+            self.metrics.blocked("completion", verdict)
+        self._finished(ex, job, req, head, content, finish, prompt_tokens, result["completion_tokens"])
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                   "finish_reason": finish}
         if verdict.enabled:
@@ -245,7 +271,7 @@ class ChatService:
             body["prompt_filter_results"] = prompt_results
         return body
 
-    async def _stream(self, job, head, prompt_tokens, prompt_results, include_usage):
+    async def _stream(self, job, head, prompt_tokens, prompt_results, req, ex: Exchange):
         def chunk(choices, **extra):
             return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
@@ -253,7 +279,7 @@ class ChatService:
             return chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
 
         screen = StreamScreen(self.completion_filter) if self.completion_filter is not None else None
-        deltas, finish, completion_tokens = 0, None, None
+        deltas, finish, completion_tokens, sent = 0, None, None, []
         try:
             if prompt_results is not None:  # Azure sends the prompt's verdict first, with no choices
                 yield chunk([], prompt_filter_results=prompt_results)
@@ -265,6 +291,7 @@ class ChatService:
                     deltas += 1
                     out, blocked = (payload, None) if screen is None else await _feed(screen, payload)
                     if out:
+                        sent.append(out)
                         yield content(out)
                     if blocked is not None:
                         job.cancel()  # stop generating what nobody will see
@@ -272,22 +299,29 @@ class ChatService:
                 elif kind == "done":
                     out, blocked = ("", None) if screen is None else await _feed(screen, None)
                     if out:
+                        sent.append(out)
                         yield content(out)
                     finish = "content_filter" if blocked is not None else payload["finish_reason"]
                     completion_tokens = payload["completion_tokens"]
                 else:  # timeout or error after the stream began: an error event, as OpenAI sends one
+                    ex.finish_reason, ex.first_token_at = "error", job.first_token_at
                     yield _sse((self.timeout if kind == "timeout" else payload).body())
                     return
+            if finish == "content_filter":
+                self.metrics.blocked("completion", screen.result)
+            self._finished(ex, job, req, head, "".join(sent), finish, prompt_tokens, completion_tokens)
             last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
             if screen is not None and screen.result.enabled:
                 last["content_filter_results"] = screen.result.to_azure()
             yield chunk([last])
-            if include_usage:
+            if req.include_usage:
                 yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                        "total_tokens": prompt_tokens + completion_tokens})
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # finished, blocked, or the client went away
+            if ex.first_token_at is None:
+                ex.first_token_at = job.first_token_at
 
 
 def _unknown_model(name: str, served: str) -> APIError:
@@ -325,21 +359,26 @@ async def _unexpected(request, exc: Exception):
 
 
 def build_app(generator, api_key: str, settings: ServerSettings | None = None,
-              prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None) -> FastAPI:
-    service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter)
+              prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None,
+              request_log: RequestLog | None = None) -> FastAPI:
+    service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter, request_log)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         await asyncio.to_thread(service.engine.close, 2.0)
+        if request_log is not None:
+            request_log.close()
 
     app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service, app.state.engine, app.state.settings = service, service.engine, service.settings
     app.add_middleware(AuthMiddleware, checker=KeyChecker(api_key))
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: counts the 401s too
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.prometheus, methods=["GET"])
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", service.model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])

@@ -48,6 +48,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.released = False
+        self.first_token_at: float | None = None  # time.monotonic() when its first token was sampled
 
     def emit(self, kind: str, payload=None) -> None:
         try:
@@ -72,8 +73,10 @@ class Job:
 
 
 class Engine:
-    def __init__(self, generator, max_queue: int = 16, timeout_s: float = 120.0, default_max_tokens: int = 256):
+    def __init__(self, generator, max_queue: int = 16, timeout_s: float = 120.0, default_max_tokens: int = 256,
+                 on_batch=None):
         self.generator = generator
+        self.on_batch = on_batch  # called with the number of sequences decoded together (here 1) as a job starts
         self.max_queue = int(max_queue)
         self.timeout_s = float(timeout_s)
         self.default_max_tokens = int(default_max_tokens)
@@ -145,7 +148,11 @@ class Engine:
             job.emit("error", APIError(400, str(exc), param=None, code="invalid_value"))
             return
         job.emit("start", n_prompt)
+        if self.on_batch is not None:
+            self.on_batch(1)
         for delta in tokens:
+            if job.first_token_at is None:
+                job.first_token_at = time.monotonic()
             if job.cancelled.is_set():
                 tokens.close()
                 return
@@ -155,5 +162,7 @@ class Engine:
                 return
             if p.stream:
                 job.emit("delta", delta)
+        if job.first_token_at is None and g.last_result["completion_tokens"]:  # ended at once (a stop token)
+            job.first_token_at = time.monotonic()
         self.served += 1
         job.emit("done", dict(g.last_result))
