@@ -28,22 +28,13 @@ from phitune.errors import PhituneError
 from phitune.preflight import check_run, config_hash, default_output_dir
 from phitune.redact import redact_text
 from phitune.train import distributed
-from phitune.train.callbacks import Callback
 
 
-class _TrialCallback(Callback):
-    """Reports valid_loss to the Optuna trial (which may prune) and counts tokens."""
+def _trial_callback(reporter, data, job, dist):
+    """Tokens and validation-loss reports against training progress (phitune.sweep.trial_callback)."""
+    from phitune.sweep.trial_callback import TrialCallback
 
-    def __init__(self, reporter):
-        self.reporter = reporter
-        self._tokens = 0
-
-    def on_step(self, step: int, metrics: dict) -> None:
-        self.reporter.add_tokens(int(metrics["train_tokens"]) - self._tokens)
-        self._tokens = int(metrics["train_tokens"])
-
-    def on_evaluate(self, step: int, metrics: dict) -> None:
-        self.reporter.report(float(metrics["valid_loss"]), step)
+    return TrialCallback(reporter, job.model, data.valid, dist.device, data.train, job.spec)
 
 
 def _trial_reporter(cfg):
@@ -284,7 +275,7 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
             tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **job.derived})
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             _log_datasets(cfg, data.splits)
-            callbacks = [tracker] + ([_TrialCallback(reporter)] if reporter else [])
+            callbacks = [tracker] + ([_trial_callback(reporter, data, job, dist)] if reporter else [])
             t0 = time.time()
             state = fit(job.model, job.optimizer, job.scheduler, data.train, data.valid, job.spec, dist, callbacks,
                         job.state, tracker.run_id)
