@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "deployments", "deploy", "undeploy"]
+COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "deployments", "deploy", "undeploy", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
