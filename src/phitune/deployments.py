@@ -22,14 +22,13 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-
-
 def deployments_dir(tracking_uri: str | None = None) -> Path:
     env = os.environ.get("PHITUNE_DEPLOYMENTS_DIR")
     if env:
         return Path(env)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    from phitune.models.uri import tracking_uri as resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):]).parent / "deployments"
     return Path("mlruns") / "deployments"

@@ -26,6 +26,7 @@ from typing import Iterable, Optional
 
 from phitune.azure.redact import check_overrides, redact_tree, safe_env
 from phitune.errors import PhituneError
+from phitune.redact import override_key
 
 CONDA_FILE = Path(__file__).with_name("conda.yaml")
 ENTRY = "python train.py"
@@ -44,11 +45,6 @@ DATA_INPUTS = {"data.train_file": "train_file", "data.validation_file": "validat
 
 # backend.tier=low_priority: the job output that holds train.output_dir (its checkpoints).
 CHECKPOINTS = "checkpoints"
-
-
-def override_key(override: str) -> str:
-    """`+a.b=1` -> `a.b`; `~a.b` -> `a.b`; `hydra/launcher=x` -> `hydra/launcher`."""
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def _is_local_only(key: str) -> bool:

@@ -80,6 +80,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import OmegaConf
 
 from phitune.errors import PhituneError
+from phitune.redact import override_key
 
 PRIMARY_METRIC = "full_valid_loss"
 # What the trainer logs to MLflow, so what Azure can read as a primary metric.
@@ -341,7 +342,6 @@ def translate(params: Mapping[str, str]) -> "tuple[list, list]":
 
 def _user_overrides(overrides: Optional[list], params: Mapping[str, str]) -> list:
     """The non-sweep command-line overrides; sweep expressions and swept keys are dropped."""
-    from phitune.azure.command_job import override_key
     from phitune.sweep import space
 
     if overrides is None:
@@ -379,7 +379,7 @@ def build_sweep_job(cfg, params: Mapping[str, str], sweeper_cfg, settings, overr
     from azure.ai.ml import command
 
     from phitune.azure.command_job import (
-        DATA_INPUTS, _input, data_inputs, environment, experiment_name, job_tags, override_key, preemptible,
+        DATA_INPUTS, _input, data_inputs, environment, experiment_name, job_tags, preemptible,
         project_root, remote_overrides, shell_join,
     )
     from phitune.azure.redact import check_overrides, safe_env

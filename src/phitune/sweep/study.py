@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from phitune import redact
 from phitune.errors import PhituneError
 
 if TYPE_CHECKING:
@@ -118,12 +119,7 @@ def resolve_storage_ref(ref: str) -> str:
 
 def display_url(url: str) -> str:
     """The URL without its password, for logs and MLflow params."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: show the scheme only
-        return url.split("://", 1)[0] + "://..."
+    return redact.redact_text(url)
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
