@@ -66,15 +66,23 @@ def aliases(store, name):
 
 def test_gate_better_takes_champion_worse_gets_challenger(store, capsys):
     client = store["client"]
-    first = fake_run(store, metrics={"full_valid_loss": 2.0, "full_valid_mean_token_accuracy": 0.3})
+    first = fake_run(store, metrics={"full_valid_loss": 2.0, "full_valid_mean_token_accuracy": 0.3},
+                     tags={"phitune.model": "tiny-phi3"},
+                     params={"data.name": "support", "train.learning_rate_multiplier": "1.0",
+                             "train.batch_size_multiplier": "2", "derived.epochs": "3"})
     rc, out, _ = promote(capsys, store, "--run", first, "--name", "bot")
     assert rc == 0 and "gate: no @champion yet" in out and "@champion -> bot version 1" in out
     assert aliases(store, "bot") == {"champion": "1"}
     v1 = client.get_model_version("bot", "1")
     assert v1.run_id == first and v1.tags["phitune.run_id"] == first
-    assert v1.tags["phitune.valid_digest"] == DIGEST_A and v1.tags["phitune.config_hash"] == "c0ffee"
+    assert v1.tags["phitune.valid_digest"] == DIGEST_A and v1.tags["phitune.model"] == "tiny-phi3"
     assert float(v1.tags["metric.full_valid_loss"]) == 2.0 and v1.tags["phitune.checkpoint"] == "final"
-    assert v1.tags["param.train.learning_rate_multiplier"] == "1.0"
+    # a registry table's worth of tags; the config hash, params and other metrics stay on the run
+    assert set(v1.tags) == {"phitune.run_id", "phitune.checkpoint", "phitune.metric", "metric.full_valid_loss",
+                            "phitune.valid_digest", "phitune.model", "phitune.gate"}
+    assert v1.description == (f"tiny-phi3 fine-tuned (LoRA) on support (learning rate x 1.0, batch size x 2, "
+                              f"epochs 3): full_valid_loss 2 on validation data {DIGEST_A[:12]}, the final model "
+                              f"of run {first[:12]}; serve it with phitune serve models:/bot/1")
     assert v1.source.startswith("models:/m-")
 
     worse = fake_run(store, metrics={"full_valid_loss": 2.5})
@@ -129,6 +137,9 @@ def test_higher_is_better_for_accuracy(store, capsys):
     # the experiment's best by loss is run a; by accuracy it is b
     rc, out, _ = promote(capsys, store, "--experiment", store["experiment"], "--name", "loss")
     assert f"run {a}, final model" in out
+    # the champion (b) was promoted by accuracy: its loss, not a version tag, comes from its run
+    rc, out, _ = promote(capsys, store, "--run", a, "--name", "acc")
+    assert rc == 0 and "full_valid_loss 1 beats 2 of version 2" in out and "@champion -> acc version 1" in out
 
 
 def test_a_sweep_promotes_its_best_finished_trial_never_a_pruned_one(store, capsys):
@@ -183,7 +194,7 @@ def test_epoch_checkpoints_are_candidates(real, capsys, tmp_path):
     rc, out, _ = promote(capsys, store, "--run", rid, "--name", "ckpt", "--checkpoint", "1")
     assert rc == 0 and f"run {rid}, epoch-001" in out and "@champion -> ckpt version 1" in out
     v1 = client.get_model_version("ckpt", "1")
-    assert v1.tags["phitune.checkpoint"] == "epoch-001" and v1.tags["phitune.epoch"] == "1"
+    assert v1.tags["phitune.checkpoint"] == "epoch-001" and "epoch 1 of run" in v1.description
     assert float(v1.tags["metric.full_valid_loss"]) == pytest.approx(e1)
     # the checkpoint's model was logged into the source run, which stays FINISHED
     run = client.get_run(rid)

@@ -9,9 +9,11 @@ deployable checkpoints are):
   best            every kept epoch, valued by checkpoints/epoch-NNN/metrics.json;
   N               epoch N of each run.
 
-The best candidate becomes a new version of the registered model, tagged with its run
-id, checkpoint, validation data digest (`phitune.valid_digest`), metrics
-(`metric.<name>`), config hash and hyperparameters. An epoch checkpoint that is not
+The best candidate becomes a new version of the registered model with a few tags, what
+a registry table needs (its run id, checkpoint, the metric and its value
+`metric.<name>`, the validation data digest `phitune.valid_digest`, the base model,
+the trial and sweep), and a one-sentence description (base model, data,
+hyperparameters, metric, the serve command); everything else stays on the run. An epoch checkpoint that is not
 the final model is first logged as a phitune chat model into its source run
 (`log_chat_model`, named `checkpoint-epoch-NNN`: MLflow 3 model names cannot hold "/").
 
@@ -39,11 +41,8 @@ from phitune.registry import store
 CHALLENGER = "challenger"
 DIGEST_TAG = "phitune.valid_digest"
 METRIC_TAG = "metric."  # version tag prefix: metric.full_valid_loss = 1.234
-RECORDED_METRICS = ("full_valid_loss", "full_valid_mean_token_accuracy", "perplexity", "objective",
-                    "eval_loss", "eval_token_f1", "eval_rouge_l", "eval_bleu", "eval_exact_match")
-# run tags copied onto the version
-RUN_TAGS = ("phitune.valid_digest", "phitune.data_digest", "phitune.train_digest", "phitune.config_hash",
-            "phitune.model", "phitune.trial_number", "phitune.study", "phitune.validation_mode")
+# run tags copied onto the version: the gate's data digest, the base model, the trial
+VERSION_RUN_TAGS = (DIGEST_TAG, "phitune.model", "phitune.trial_number")
 
 
 @dataclass
@@ -227,27 +226,50 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
     return f"models:/{info.model_id}"
 
 
-def version_tags(cand: Candidate, metric: str, direction: str, parent_id: Optional[str]) -> dict:
-    run = cand.run
-    tags = {"phitune.run_id": cand.run_id, "phitune.checkpoint": cand.checkpoint,
-            "phitune.metric": metric, "phitune.direction": direction, f"{METRIC_TAG}{metric}": repr(cand.value),
-            "phitune.config": f"runs:/{cand.run_id}/config.yaml", "phitune.experiment_id": run.info.experiment_id}
-    if cand.epoch is not None:
-        tags["phitune.epoch"] = str(cand.epoch)
-    for key in RUN_TAGS:
-        if run.data.tags.get(key):
-            tags[key] = run.data.tags[key]
-    for key in RECORDED_METRICS:
-        value = _finite(cand.metrics.get(key))
-        if value is not None:
-            tags.setdefault(f"{METRIC_TAG}{key}", repr(value))
+def version_tags(cand: Candidate, metric: str, parent_id: Optional[str]) -> dict:
+    """What a registry table needs to tell versions apart and gate them, nothing more (at most
+    9 with phitune.gate): the run has the rest (params, all metrics, config, digests)."""
+    tags = {"phitune.run_id": cand.run_id, "phitune.checkpoint": cand.checkpoint, "phitune.metric": metric,
+            f"{METRIC_TAG}{metric}": repr(cand.value)}
+    for key in VERSION_RUN_TAGS:
+        if cand.run.data.tags.get(key):
+            tags[key] = cand.run.data.tags[key]
     if parent_id:
         tags["phitune.sweep"] = parent_id
-    for key, value in run.data.params.items():  # the hyperparameters: train.* and the base model
-        if (key.startswith("train.") or key in ("model.name", "derived.learning_rate", "derived.epochs",
-                                               "derived.effective_batch")) and len(str(value)) <= 250:
-            tags[f"param.{key}"] = str(value)
     return tags
+
+
+def version_description(cand: Candidate, metric: str, name: str, version: str) -> str:
+    """One sentence for a person: base model, data, hyperparameters, metric, how to serve it."""
+    params, tags = cand.run.data.params, cand.run.data.tags
+    base = tags.get("phitune.model") or params.get("model.name") or "the base model"
+    method = {"lora": "LoRA", "full": "full"}.get(params.get("train.method", "lora"), params.get("train.method"))
+    data = params.get("data.name") or Path(params.get("data.train_file") or "").stem or "its data"
+    hyper = [f"{label} {params[key]}" for key, label in (("train.learning_rate_multiplier", "learning rate x"),
+                                                         ("train.batch_size_multiplier", "batch size x"),
+                                                         ("derived.epochs", "epochs")) if params.get(key)]
+    trial = store.trial_number(cand.run)
+    where = (f"epoch {cand.epoch}" if cand.checkpoint != "final" else "the final model") + \
+        f" of run {cand.run_id[:12]}" + (f" (trial {trial})" if trial is not None else "")
+    return (f"{base} fine-tuned ({method}) on {data}" + (f" ({', '.join(hyper)})" if hyper else "")
+            + f": {metric} {cand.value:.4g} on validation data {_short(tags.get(DIGEST_TAG))}, {where}; "
+            f"serve it with phitune serve models:/{name}/{version}")
+
+
+def _version_value(client, mv, metric: str, workdir: Path) -> Optional[float]:
+    """A version's value of `metric`: its tag, else (promoted by another metric) its source's."""
+    value = _finite(mv.tags.get(f"{METRIC_TAG}{metric}"))
+    if value is not None or not mv.run_id:
+        return value
+    from mlflow.exceptions import MlflowException
+
+    checkpoint = mv.tags.get("phitune.checkpoint", "final")
+    try:
+        if checkpoint == "final":
+            return _finite(client.get_run(mv.run_id).data.metrics.get(metric))
+    except MlflowException:
+        return None
+    return _finite((_epoch_metrics(client, mv.run_id, checkpoint, workdir / "champion") or {}).get(metric))
 
 
 def _find_version(client, name: str, run_id: str, checkpoint: str):
@@ -333,14 +355,14 @@ def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", d
         verdict, reason = "take", f"no @{alias} yet"
         if champion is not None:
             c_digest = champion.tags.get(DIGEST_TAG) or ""
-            c_value = _finite(champion.tags.get(f"{METRIC_TAG}{metric}"))
+            c_value = _version_value(client, champion, metric, workdir)
             if not digest or not c_digest or digest != c_digest:
                 reason = (f"the validation data differ: @{alias} (version {champion.version}) was validated on data "
                           f"digest {_short(c_digest)}, this run on {_short(digest)}; their {metric} values are not "
                           "comparable")
                 verdict = "force" if force else "refuse"
             elif c_value is None:
-                reason = f"@{alias} (version {champion.version}) has no {METRIC_TAG}{metric} tag to compare with"
+                reason = f"@{alias} (version {champion.version}) has no {metric} to compare with"
                 verdict = "force" if force else "refuse"
             elif store.better(best.value, c_value, direction):
                 verdict, reason = "take", (f"{metric} {best.value:.6g} beats {c_value:.6g} of version "
@@ -362,10 +384,10 @@ def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", d
         else:
             _ensure_registered_model(client, name)
             source = checkpoint_model_uri(client, best, workdir)
-            tags = version_tags(best, metric, direction, parent_id)
-            version = client.create_model_version(
-                name, source, run_id=best.run_id, tags=tags, model_id=source[len("models:/"):],
-                description=f"{best.describe()}; {metric} {best.value:.6g} on validation data {_short(digest)}")
+            version = client.create_model_version(name, source, run_id=best.run_id, model_id=source[len("models:/"):],
+                                                  tags=version_tags(best, metric, parent_id))
+            version = client.update_model_version(  # the sentence names the version it describes
+                name, version.version, description=version_description(best, metric, name, version.version))
             out(f"registered {name} version {version.version} from {source} ({best.describe()})")
         result.version = version.version
 
