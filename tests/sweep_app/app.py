@@ -5,7 +5,8 @@
 Like train.py it reads cfg.trial and cfg.tracking, opens a child MLflow run under
 tracking.parent_run_id tagged phitune.trial_number, reports a loss per step through
 TrialReporter (which may prune), and returns the final loss. `toy.*` makes it slow
-(sleep_s), fail (fail_trials) or leave a trace of each execution (log).
+(sleep_s), fail (fail_trials), run out of GPU memory (oom_trials) or leave a trace of each
+execution and the GPU it was given (log).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main(cfg: DictConfig) -> float:
     reporter = TrialReporter.from_config(cfg.trial)
     number = cfg.trial.number
     _trace(cfg, f"start {number} {os.getpid()}")
+    _trace(cfg, f"device {number} {os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
     mlflow.set_tracking_uri(cfg.tracking.uri)
     tags = {"phitune.trial_number": str(number), "phitune.study": str(cfg.trial.study_name)}
     if cfg.tracking.parent_run_id:
@@ -49,6 +51,11 @@ def main(cfg: DictConfig) -> float:
                 time.sleep(cfg.toy.sleep_s)
             if number in cfg.toy.fail_trials and step == 2:
                 raise RuntimeError("simulated out of memory")
+            if number in cfg.toy.oom_trials and step == 2:
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                             "capacity of 79.11 GiB of which 1.02 GiB is free.")
             loss = objective(cfg.x, cfg.y, step)
             mlflow.log_metric("valid_loss", loss, step=step)
             if reporter:

@@ -60,6 +60,13 @@ def declare_env(config, phitune_app: bool, tracking_uri: str | None = None) -> N
             names.append("MLFLOW_TRACKING_URI")
         else:
             os.environ["MLFLOW_TRACKING_URI"] = str(tracking_uri)
+    declare(config, names)
+
+
+def declare(config, names: list[str]) -> None:
+    """Each name an (empty) hydra.job.env_set key of every job, so that a job's override sets it."""
+    from omegaconf import open_dict, read_write
+
     with read_write(config.hydra), open_dict(config.hydra):
         listed = config.hydra.overrides.hydra
         for name in names:

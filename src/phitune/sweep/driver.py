@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phitune import redact
 from phitune.errors import PhituneError
-from phitune.sweep import contract, pruning
+from phitune.sweep import contract, devices, pruning
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
@@ -225,6 +225,13 @@ class Sweep:
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
         self.n_jobs = batch_size(self.s.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher.n_jobs", default=None))
+        # several trials at once on a GPU box: one GPU each (phitune.sweep.devices)
+        self.devices = devices.for_sweep(self.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher._target_", default=None),
+                                         OmegaConf.select(ctx.config, "backend.device", default=None))
+        if self.devices:
+            contract.declare(ctx.config, [devices.CUDA_ENV, devices.ENV_DEVICES, devices.ENV_LOCKS])
+            print(f"sweep: {self.n_jobs} trials at once, one GPU each "
+                  f"({devices.CUDA_ENV} from {','.join(self.devices)})")
         self.n_trials = int(self.s.n_trials)
         if self.n_trials < 1:
             raise PhituneError(f"hydra.sweeper.n_trials={self.n_trials}: expected 1 or more")
@@ -450,6 +457,12 @@ class Sweep:
         consecutive = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
         idx = numbers[0] if consecutive else self.job_idx
         overrides = [self._overrides(t) for t in batch]
+        if self.devices:
+            lock_dir = str((self.sweep_dir / ".devices").resolve())
+            for ov, gpu in zip(overrides, devices.assign(len(batch), self.devices)):
+                ov += [contract.env_override(devices.CUDA_ENV, gpu),
+                       contract.env_override(devices.ENV_DEVICES, ",".join(self.devices)),
+                       contract.env_override(devices.ENV_LOCKS, lock_dir)]
         try:
             returns = self.ctx.launcher.launch(overrides, initial_job_idx=idx)
         except Exception as exc:  # the launcher itself broke (e.g. a joblib worker crashed)
@@ -480,7 +493,7 @@ class Sweep:
         elif _is_pruned(result):
             state = optuna.trial.TrialState.PRUNED
         else:
-            error = f"{type(result).__name__}: {result}" if result is not None else "the job did not run"
+            error = job_error(result)
         child = self.parent.find_child(trial.number)
         attrs = {st.MLFLOW_RUN_ATTR: child.info.run_id} if child is not None else {}
         if error:
@@ -674,6 +687,18 @@ def batch_size(n_jobs, launcher_n_jobs) -> int:
     if int(n_jobs) < 1:
         raise PhituneError(f"hydra.sweeper.n_jobs={n_jobs}: expected 1 or more")
     return int(n_jobs)
+
+
+def job_error(exc) -> str:
+    """The one line a failed trial records; running out of GPU memory names the settings that reduce it."""
+    from phitune.train.memory import OOM_HINT, is_out_of_memory
+
+    if exc is None:
+        return "the job did not run"
+    if is_out_of_memory(exc):
+        first = " ".join(str(exc).split(". ")[0].split())[:160]
+        return f"{OOM_HINT} ({type(exc).__name__}: {first})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_pruned(exc) -> bool:

@@ -208,6 +208,9 @@ class TrialTask:
         env = {k: os.environ[k] for k in JOB_VARS if k in os.environ}
         status = "FINISHED"
         try:
+            from phitune.sweep.devices import bind
+
+            bind()  # parallel trials on GPUs: this process's own GPU, before anything starts CUDA
             return self.fn(cfg)
         except BaseException as exc:
             status = ("FINISHED" if type(exc).__name__ == "TrialPruned" else
