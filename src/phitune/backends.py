@@ -5,7 +5,10 @@
     azureml   one Azure ML command job       handed to Azure as one sweep job       no (in Azure)
     foundry   one Azure AI Foundry job       none                                   no
 
-`lookup(name, mode)` is asked before anything is created or sent: the recipe asks it
+Tasks: local and azureml run phitune's own training, so every task (`task=chat|classification`);
+foundry fine-tunes chat models only.
+
+`lookup(name, mode, task)` is asked before anything is created or sent: the recipe asks it
 for a run, the sweeper for a sweep, so an unsupported combination is one line and exit 1.
 Cheap to import (no torch, no Azure SDK): train.py asks it before any heavy import.
 """
@@ -25,6 +28,7 @@ class Backend:
     sweep: str | None  # how `-m` runs: "optuna" (trials in this process), "azure" (one Azure sweep job), None
     objective: bool  # run() returns the value a sweep optimises to this process
     no_sweep: str = ""  # why there is no sweep, and what to use instead
+    tasks: tuple = ("chat", "classification")  # phitune.tasks it can train
 
 
 BACKENDS = {
@@ -32,17 +36,22 @@ BACKENDS = {
     "azureml": Backend("azureml", "submits one Azure ML command job", sweep="azure", objective=False),
     "foundry": Backend("foundry", "submits one Azure AI Foundry fine-tuning job", sweep=None, objective=False,
                        no_sweep="Azure AI Foundry fine-tunes with fixed hyperparameters and returns no objective to "
-                                "optimise; sweep with backend=azureml, or run single jobs with backend=foundry"),
+                                "optimise; sweep with backend=azureml, or run single jobs with backend=foundry",
+                       tasks=("chat",)),
 }
 
 
-def lookup(name, mode: str = "run") -> Backend:
-    """The backend called `name`, if it can do `mode`; else PhituneError saying what to set."""
+def lookup(name, mode: str = "run", task: str = "chat") -> Backend:
+    """The backend called `name`, if it can do `mode` for `task`; else PhituneError saying what to set."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     backend = BACKENDS.get(str(name))
     if backend is None:
         raise PhituneError(f"backend.name={name}: no such backend; use backend={'|'.join(BACKENDS)}")
+    if str(task) not in backend.tasks:
+        raise PhituneError(f"backend={backend.name} cannot train task={task}: Azure AI Foundry fine-tunes chat "
+                           "models only (no classification head); use backend=azureml, which runs phitune's own "
+                           "training on Azure ML compute, or backend=local")
     if mode == "sweep" and backend.sweep is None:
         raise PhituneError(f"backend={backend.name} cannot run a sweep: {backend.no_sweep}")
     if mode == "trial" and not backend.objective:

@@ -51,7 +51,8 @@ def default_output_dir(cfg) -> Path:
 def check_run(cfg) -> backends.Backend:
     """Refuse a run that cannot finish, before any compute; returns its backend."""
     trial = bool(OmegaConf.select(cfg, "trial.storage", default=None))
-    backend = backends.lookup(OmegaConf.select(cfg, "backend.name", default=None), "trial" if trial else "run")
+    backend = backends.lookup(OmegaConf.select(cfg, "backend.name", default=None), "trial" if trial else "run",
+                              OmegaConf.select(cfg, "task.name", default=None) or "chat")
     # torchrun's RANK: the folders and the store are rank 0's to write; other ranks only train.
     if backend.name == "local" and os.environ.get("RANK", "0") == "0":
         check_output_dir(cfg)

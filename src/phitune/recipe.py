@@ -27,6 +27,7 @@ from phitune.chat import IGNORE_INDEX, chat_tokens, count_tokens, encode_example
 from phitune.errors import PhituneError
 from phitune.preflight import check_run, config_hash, default_output_dir
 from phitune.redact import redact_text
+from phitune.tasks import TASK_TAG, is_classification, of_config
 from phitune.train import distributed
 
 
@@ -49,8 +50,9 @@ def _trial_reporter(cfg):
 class Data:
     tokenizer: object
     splits: object  # phitune.data.dataset.Splits
-    train: list  # phitune.chat.Encoded
+    train: list  # phitune.chat.Encoded (task=classification: phitune.classify.encode.ClassEncoded)
     valid: list
+    labels: list | None = None  # task=classification: the label set, class id = position
 
 
 @dataclass
@@ -106,6 +108,10 @@ def run(cfg, overrides: list[str] | None = None):
 
 def _setup_data(cfg) -> Data:
     """Validation first: bad data stops the run before any model is built."""
+    if is_classification(cfg):
+        from phitune.classify.run import setup_data
+
+        return setup_data(cfg, Data)
     from phitune.data.dataset import prepare_splits
     from phitune.modeling.loader import load_tokenizer
 
@@ -168,7 +174,12 @@ def _setup_training(cfg, data: Data, dist) -> Job:
     latest = dist.broadcast_object(str(latest) if latest else None)
 
     transformers.set_seed(cfg.seed)
-    model = apply_training_method(load_model(cfg.model, device=dist.device), cfg.train, cfg.model)
+    if data.labels is not None:
+        from phitune.classify.run import build_model
+
+        model = build_model(cfg, data, dist.device)
+    else:
+        model = apply_training_method(load_model(cfg.model, device=dist.device), cfg.train, cfg.model)
     if cfg.train.get("gradient_checkpointing"):
         memory.enable_gradient_checkpointing(model)
     if cfg.train.get("compile"):
@@ -180,6 +191,10 @@ def _setup_training(cfg, data: Data, dist) -> Job:
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
     scheduler = build_scheduler(cfg.optimizer, optimizer, total)
     spec = LoopSpec.from_config(cfg.train, epochs=epochs, plan=plan, seed=cfg.seed, output_dir=str(out))
+    if data.labels is not None:
+        from phitune.classify.run import loop_task
+
+        spec.task = loop_task(cfg, data)
     job = Job(model, optimizer, scheduler, spec, TrainState(), None, {})
     _restore(cfg, job, out, latest, dist)
     job.derived = _derived(data, job, lr, total, out)
@@ -250,6 +265,7 @@ def _run_tags(cfg, splits, reporter) -> dict:
     tags = {"phitune.config_hash": config_hash(cfg), "phitune.model": cfg.model.name,
             "phitune.data_digest": splits.digest, "phitune.train_digest": splits.train_digest,
             "phitune.valid_digest": splits.valid_digest or "", "phitune.validation_mode": splits.mode,
+            TASK_TAG: of_config(cfg).name,
             # Flattened, so that a nested tag's secret-named key (`a.hf_token`) is masked like a param's.
             **flatten(OmegaConf.to_container(cfg.tracking.tags, resolve=True) if cfg.tracking.get("tags") else {})}
     if reporter is not None:
@@ -279,11 +295,15 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
             t0 = time.time()
             state = fit(job.model, job.optimizer, job.scheduler, data.train, data.valid, job.spec, dist, callbacks,
                         job.state, tracker.run_id)
-            objective = _objective(state)
+            objective = _objective(state, objective_name(cfg))
             _finalise(cfg, tracker, data.tokenizer, job.model, state, objective, time.time() - t0)
+            if data.labels is not None:
+                from phitune.classify import run as classify
+
+                classify.finalise(cfg, tracker, data, job.model, dist.device)
             if reporter is not None:
                 reporter.finish()
-            elif cfg.train.get("evaluate_at_end"):
+            elif cfg.train.get("evaluate_at_end") and data.labels is None:  # classification: the report above
                 from phitune.evaluation.run import evaluate_run
 
                 evaluate_run(cfg, tracker.run_id)
@@ -293,10 +313,24 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
     return objective
 
 
-def _objective(state) -> float | None:
-    """The final full_valid_loss; without validation data, the last training loss."""
+def objective_name(cfg) -> str:
+    """The metric run() returns: the sweep's hydra.sweeper.metric when it names one of the
+    final metrics (a sweep file may say so), else the task's (task.objective)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    metric = None
+    if HydraConfig.initialized():
+        metric = OmegaConf.select(HydraConfig.get(), "sweeper.metric", default=None)
+    if metric and str(metric).startswith("full_valid_"):
+        return str(metric)
+    return str(cfg.task.get("objective") or of_config(cfg).objective) if cfg.get("task") else "full_valid_loss"
+
+
+def _objective(state, name: str = "full_valid_loss") -> float | None:
+    """The final value of `name` (full_valid_loss, full_valid_macro_f1...); without validation
+    data, the last training loss."""
     final = state.epoch_metrics[-1] if state.epoch_metrics else {}
-    value = final.get("full_valid_loss")
+    value = final.get(name)
     if value is None and state.history:
         value = state.history[-1]["train_loss"]
     return None if value is None else float(value)
@@ -312,9 +346,14 @@ def _finalise(cfg, tracker, tokenizer, model, state, objective, runtime_s: float
     mlflow.log_metrics({"train_runtime_s": runtime_s, "train_tokens_total": state.train_tokens})
     if objective is not None:
         mlflow.log_metric("objective", objective)
-    tracker.log_files(lambda p: artifacts.write_results_csv(state.history, p), "results.csv")
+    columns = artifacts.CLASSIFICATION_COLUMNS if is_classification(cfg) else artifacts.RESULTS_COLUMNS
+    tracker.log_files(lambda p: artifacts.write_results_csv(state.history, p, columns), "results.csv")
     tracker.log_files(lambda p: artifacts.plot_loss_curve(state.history, p, f"{cfg.model.name} loss"), "loss_curve.png")
-    if cfg.tracking.log_model:
+    if cfg.tracking.log_model and is_classification(cfg):
+        from phitune.classify.run import log_model
+
+        log_model(cfg, tokenizer, model)
+    elif cfg.tracking.log_model:
         _log_model(cfg, tokenizer, model)
 
 
@@ -357,7 +396,7 @@ def _closing_block(cfg, tracker, objective) -> None:
     uri = redact_text(str(cfg.tracking.uri))
     store = "" if cfg.tracking.uri == DEFAULT_TRACKING_URI else f" --tracking-uri {uri}"
     lines = [f"run {tracker.run_id} {tracker.status}"
-             + (f" · objective (full_valid_loss) {objective:.4f}" if objective is not None else "")]
+             + (f" · objective ({objective_name(cfg)}) {objective:.4f}" if objective is not None else "")]
     if tracker.experiment_id:
         lines.append(f"  see it:  mlflow ui --backend-store-uri {uri}"
                      f"  ->  {ui_url(tracker.experiment_id, tracker.run_id)}")

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment (default: phitune)")
     p.add_argument("--sweep", metavar="PARENT_RUN_ID",
                    help="only the trials of this sweep (its MLflow parent run id, or `latest`)")
-    p.add_argument("--metric", default="full_valid_loss", help="rank by this metric (default: full_valid_loss)")
+    p.add_argument("--metric", help="rank by this metric (default: the runs' task's: full_valid_loss for chat, "
+                                    "full_valid_macro_f1 for task=classification)")
     p.add_argument("--direction", choices=["min", "max"],
                    help="min: lower is better (default for *loss, perplexity); max: higher (default for *accuracy)")
     p.add_argument("--top", type=_count, metavar="N", help="show the first N rows only")

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     which.add_argument("--sweep", metavar="PARENT_RUN_ID", help="candidates: this sweep's trials (or `latest`)")
     which.add_argument("--run", metavar="RUN_ID", help="candidate: this run only")
     p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--metric", default="full_valid_loss", help="compare by this metric (default: full_valid_loss)")
+    p.add_argument("--metric", help="compare by this metric (default: the runs' task's: full_valid_loss for chat, "
+                                    "full_valid_macro_f1 for task=classification)")
     p.add_argument("--direction", choices=["min", "max"], help="default: min for *loss/perplexity, max for *accuracy")
     p.add_argument("--alias", default="champion", help="the alias the gate guards (default: champion)")
     p.add_argument("--checkpoint", default="last", metavar="best|last|N",

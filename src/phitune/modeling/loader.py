@@ -102,8 +102,9 @@ def resolve_dtype(name: str | None, device: str = "cpu"):
     return getattr(torch, name)
 
 
-def load_model(model_cfg, device: str = "cpu", dtype=None):
-    """AutoModelForCausalLM on `device`, dtype from the config unless given, cache off (training)."""
+def load_model(model_cfg, device: str = "cpu", dtype=None, auto_class=None, **model_kwargs):
+    """AutoModelForCausalLM (or `auto_class`, e.g. AutoModelForSequenceClassification with
+    num_labels in model_kwargs) on `device`, dtype from the config unless given, cache off (training)."""
     import transformers
     from packaging.version import Version
     from transformers import AutoModelForCausalLM
@@ -120,7 +121,7 @@ def load_model(model_cfg, device: str = "cpu", dtype=None):
     if attn:
         kwargs["attn_implementation"] = attn
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(source, **kwargs, **model_kwargs)
     except OSError as exc:
         raise PhituneError(f"cannot load the model {source}: {exc}") from exc
     # Training runs without a KV cache: a cache is useless there, and with one
@@ -129,8 +130,11 @@ def load_model(model_cfg, device: str = "cpu", dtype=None):
     return model.to(device)
 
 
-def apply_training_method(model, train_cfg, model_cfg):
-    """Make the right parameters trainable: LoRA adapters (peft) or the whole model."""
+def apply_training_method(model, train_cfg, model_cfg, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    """Make the right parameters trainable: LoRA adapters (peft) or the whole model.
+
+    task_type / modules_to_save: peft's, e.g. SEQ_CLS with ["score"] for a classification head
+    trained whole next to the adapters."""
     method = _get(train_cfg, "method", "lora")
     if method == "full":
         for p in model.parameters():
@@ -161,7 +165,8 @@ def apply_training_method(model, train_cfg, model_cfg):
         lora_dropout=float(_get(lora, "dropout", 0.0)),
         target_modules=targets,
         bias=_get(lora, "bias", "none"),
-        task_type=TaskType.CAUSAL_LM,
+        task_type=getattr(TaskType, task_type),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
     )
     return get_peft_model(model, config)
 

@@ -19,7 +19,8 @@ from typing import Optional
 
 from phitune.registry import store
 
-STANDARD_METRICS = ("full_valid_loss", "full_valid_mean_token_accuracy", "perplexity")
+STANDARD_METRICS = ("full_valid_loss", "full_valid_mean_token_accuracy", "perplexity", "full_valid_macro_f1",
+                    "full_valid_accuracy")
 _STATE_ORDER = {"finished": 0, "running": 1, "pruned": 2, "killed": 3, "failed": 4}
 _NOT_SWEPT_PREFIXES = ("derived.", "tracking.", "trial.")
 _NOT_SWEPT = {"train.output_dir", "train.progress", "resume"}
@@ -81,8 +82,10 @@ def swept_params(runs: list, parent=None) -> list:
 
 
 def leaderboard(client, *, experiment: Optional[str] = None, sweep: Optional[str] = None,
-                metric: str = "full_valid_loss", direction: Optional[str] = None, top: Optional[int] = None) -> Leaderboard:
+                metric: Optional[str] = None, direction: Optional[str] = None, top: Optional[int] = None) -> Leaderboard:
+    """metric None: the runs' task's (store.task_metric)."""
     runs, parent = store.select_runs(client, experiment=experiment, sweep=sweep)
+    metric = metric or store.task_metric(runs)
     store.check_metric(runs, metric)
     direction = store.direction_for(metric, direction)
     rows = [Row(rank=None, run_id=r.info.run_id, run_name=r.info.run_name or "", trial=store.trial_number(r),

@@ -199,8 +199,6 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
 
     from phitune.evaluation.run import quiet_libraries
     from phitune.models.uri import quiet_downloads, run_base_reference
-    from phitune.tracking.pyfunc_model import log_chat_model
-
     if mlflow.active_run() is not None:
         raise PhituneError("promote: another MLflow run is active in this process; cannot log the checkpoint's model")
     quiet_libraries()
@@ -219,11 +217,24 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
         mlflow_logger.setLevel(logging.ERROR)  # CloudPickle / ChatParams notices of every pyfunc log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ChatModel's deprecation in MLflow 3
-            info = log_chat_model(base, adapter, name=name)
+            info = _log_model_of_task(client.get_run(run_id), base, adapter, name)
     finally:
         mlflow_logger.setLevel(level)
         mlflow.end_run(status=status)  # leave the source run as it was (FINISHED)
     return f"models:/{info.model_id}"
+
+
+def _log_model_of_task(run, base: dict, adapter: Path, name: str):
+    """The checkpoint as the MLflow model its run's task logs (chat, or a classifier)."""
+    from phitune.tasks import TASK_TAG
+
+    if run.data.tags.get(TASK_TAG) == "classification":
+        from phitune.classify.pyfunc import log_classifier_model
+
+        return log_classifier_model(dict(base, task="classification"), adapter, name=name)
+    from phitune.tracking.pyfunc_model import log_chat_model
+
+    return log_chat_model(base, adapter, name=name)
 
 
 def version_tags(cand: Candidate, metric: str, parent_id: Optional[str]) -> dict:
@@ -302,13 +313,15 @@ def _short(digest: Optional[str]) -> str:
     return (digest or "none")[:12]
 
 
-def promote(client, *, name: str, runs: list, metric: str = "full_valid_loss", direction: Optional[str] = None,
+def promote(client, *, name: str, runs: list, metric: Optional[str] = None, direction: Optional[str] = None,
             alias: str = "champion", checkpoint: str = "last", force: bool = False, parent_id: Optional[str] = None,
             say: Callable[[str], None] = print) -> PromoteResult:
-    """Register the best candidate of `runs` as a version of `name` and apply the gate."""
+    """Register the best candidate of `runs` as a version of `name` and apply the gate;
+    metric None: the runs' task's (full_valid_loss; full_valid_macro_f1 for classification)."""
     from mlflow.utils.validation import (_validate_model_alias_name, _validate_model_alias_name_reserved,
                                          _validate_model_name)
 
+    metric = metric or store.task_metric(runs)
     store.check_metric(runs, metric)
     direction = store.direction_for(metric, direction)
     if checkpoint not in ("best", "last") and not str(checkpoint).isdigit():

@@ -35,6 +35,17 @@ def direction_for(metric: str, explicit: Optional[str] = None) -> str:
     raise PhituneError(f"metric {metric}: is lower or higher better? say --direction min or --direction max")
 
 
+def task_metric(runs: list) -> str:
+    """The metric the runs' task is judged by (phitune.tasks, the `phitune.task` tag; untagged
+    runs are chat): full_valid_loss, or full_valid_macro_f1 for classification."""
+    from phitune.tasks import TASK_TAG, lookup
+
+    names = sorted({r.data.tags.get(TASK_TAG) or "chat" for r in runs})
+    if len(names) > 1:
+        raise PhituneError(f"these runs are of several tasks ({', '.join(names)}): say which metric with --metric")
+    return lookup(names[0] if names else "chat").objective
+
+
 def check_metric(runs: list, metric: str) -> None:
     """A metric that no run has is a typo to report with the names there are, not a
     leaderboard of dashes (nothing to check when there are no runs)."""

@@ -61,7 +61,8 @@ def run_sweep(ctx: SweepContext, arguments: list[str]) -> list:
     from phitune import backends, preflight
 
     # First, before a study, an MLflow run or a request exists: can this backend sweep at all?
-    backend = backends.lookup(OmegaConf.select(ctx.config, "backend.name", default=None) or "local", "sweep")
+    backend = backends.lookup(OmegaConf.select(ctx.config, "backend.name", default=None) or "local", "sweep",
+                              OmegaConf.select(ctx.config, "task.name", default=None) or "chat")
     s = ctx.settings
     plan = plan_sweep(s.params, arguments)
     if not plan.space:

@@ -8,14 +8,17 @@ from pathlib import Path
 # The columns of the results.csv that Azure AI Foundry and OpenAI attach to a job.
 RESULTS_COLUMNS = ["step", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
                    "full_valid_loss", "full_valid_mean_token_accuracy"]
+# task=classification: the same layout with its own figures
+CLASSIFICATION_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_macro_f1",
+                          "full_valid_loss", "full_valid_accuracy", "full_valid_macro_f1"]
 
 
-def write_results_csv(history: list[dict], path: Path) -> Path:
+def write_results_csv(history: list[dict], path: Path, columns: list[str] = RESULTS_COLUMNS) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(RESULTS_COLUMNS)
+        w.writerow(columns)
         for row in history:
-            w.writerow(["" if row.get(c) is None else row.get(c) for c in RESULTS_COLUMNS])
+            w.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
     return path
 
 

@@ -121,7 +121,8 @@ class TrackedRun(Callback):
         mlflow.set_tags(redact.redact_mapping({k: str(v) for k, v in tags.items()}, self._secrets))
 
     def on_step(self, step: int, metrics: dict) -> None:
-        keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "train_tokens")
+        keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "train_tokens",
+                "train_accuracy", "valid_accuracy", "valid_macro_f1")  # the last three: task=classification
         self._log_metrics({k: metrics[k] for k in keys if k in metrics}, step)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict, checkpoint_dir) -> None:

@@ -48,6 +48,8 @@ class LoopSpec:
     max_device_tokens: int | None = None  # tokens per packed row (None: max_device_batch examples, any length)
     loss_chunk_tokens: int | None = None  # labelled tokens per lm_head + loss chunk (None: full logits)
     mixed_precision: str = "off"  # auto | bf16 | off (phitune.train.forward.autocast_dtype)
+    # Another task's batches, loss and metrics (phitune.classify.ops.ClassifyOps); None = chat.
+    task: object = None
 
     @classmethod
     def from_config(cls, train_cfg, *, epochs: int, plan: BatchPlan, seed: int, output_dir: str | None) -> "LoopSpec":
@@ -69,7 +71,18 @@ def _to(batch: dict, device) -> dict:
 
 
 def _forward(model, batch: dict, spec: LoopSpec | None = None, amp=None):
+    if spec is not None and spec.task is not None:
+        return spec.task.forward(model, batch, amp)
     return forward_stats(model, batch, spec.loss_chunk_tokens if spec else None, amp)
+
+
+def _pack(spec: LoopSpec, examples: list) -> dict:
+    return spec.task.pack(examples) if spec.task is not None else pack(examples)
+
+
+def _units(spec: LoopSpec, batch: dict) -> int:
+    """What a step's summed loss is divided by: labelled tokens (chat), examples (classification)."""
+    return spec.task.units(batch) if spec.task is not None else labelled_tokens(batch["labels"])
 
 
 @torch.no_grad()
@@ -86,6 +99,10 @@ def evaluate(model, examples: list, device_batch: int, dist: Dist, batch_ids: li
         lengths = [len(e.input_ids) for e in examples]
         groups = [row for g in groups for row in bound_by_tokens([g], lengths, spec.max_device_tokens)]
     amp = autocast_dtype(spec.mixed_precision, dist.device) if spec is not None else None
+    if spec is not None and spec.task is not None:  # e.g. accuracy and macro-F1 need every prediction
+        out = spec.task.evaluate(model, [[examples[i] for i in g] for g in groups[dist.rank::dist.world_size]], dist, amp)
+        model.train(was_training)
+        return out
     ce = correct = count = 0.0
     for group in groups[dist.rank::dist.world_size]:
         c, k, n = _forward(model, _to(pack([examples[i] for i in group]), dist.device), spec, amp)
@@ -128,8 +145,8 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                 # train.max_device_tokens: the step's examples in more, shorter rows (same loss and gradient)
                 groups = bound_by_tokens(micro[s * mbs_per_step:(s + 1) * mbs_per_step], lengths,
                                          spec.max_device_tokens, plan.device_batch)
-                batches = [pack([train_examples[i] for i in g]) for g in groups]
-                step_tokens = sum(labelled_tokens(b["labels"]) for b in batches)
+                batches = [_pack(spec, [train_examples[i] for i in g]) for g in groups]
+                step_tokens = sum(_units(spec, b) for b in batches)
                 mine = batches[dist.rank::dist.world_size]
                 # every device must run as many passes for DDP's all-reduce to line up;
                 # a device short of data repeats a batch with zero weight.
@@ -159,7 +176,7 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                 state.step += 1
                 state.train_tokens += int(seen)
                 row = {"step": state.step, "train_loss": ce_sum / max(1, step_tokens),
-                       "train_mean_token_accuracy": correct / max(1, step_tokens),
+                       f"train_{spec.task.accuracy if spec.task else 'mean_token_accuracy'}": correct / max(1, step_tokens),
                        "learning_rate": scheduler.get_last_lr()[0], "train_tokens": state.train_tokens, "epoch": epoch + 1}
                 if valid_groups and spec.eval_steps and state.step % spec.eval_steps == 0:
                     # Azure's valid_loss: one validation batch, cycling through the set.
@@ -167,7 +184,7 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
                     v = (evaluate(model, valid_examples, plan.device_batch, Dist(device=dist.device), [g], spec)
                          if dist.is_main else None)
                     if dist.is_main:
-                        row.update(valid_loss=v["loss"], valid_mean_token_accuracy=v["mean_token_accuracy"])
+                        row.update({f"valid_{k}": x for k, x in v.items() if k != "tokens"})
                 state.history.append(row) if dist.is_main else None
                 if dist.is_main:
                     bar.update(1)
@@ -181,8 +198,9 @@ def fit(model, optimizer, scheduler, train_examples: list, valid_examples: list,
             metrics = {}
             if spec.full_eval_each_epoch and valid_examples:
                 full = evaluate(model, valid_examples, plan.device_batch, dist, spec=spec)
-                metrics = {"full_valid_loss": full["loss"], "full_valid_mean_token_accuracy": full["mean_token_accuracy"],
-                           "perplexity": math.exp(min(full["loss"], 50.0))}
+                metrics = {f"full_valid_{k}": x for k, x in full.items() if k != "tokens"}
+                if spec.task is None:
+                    metrics["perplexity"] = math.exp(min(full["loss"], 50.0))
                 if dist.is_main and state.history:
                     state.history[-1].update(metrics)
             state.epoch = epoch + 1 if epoch_done else epoch
