@@ -1,4 +1,5 @@
-"""The OpenAI-compatible web app: /v1/chat/completions (plain and SSE), /v1/models, /health, /metrics.
+"""The OpenAI-compatible web app: /v1/chat/completions (plain and SSE), /v1/models, /health, /metrics,
+/playground (a chat page over this API).
 
     app = build_app(generator, api_key="...", settings=ServerSettings(model_id="support-bot"),
                     prompt_filter=..., completion_filter=...)
@@ -29,6 +30,7 @@ from phitune.safety.filter import ContentFilter, FilterResult, StreamScreen
 from phitune.serving.auth import KeyChecker, presented_key
 from phitune.serving.engine import Engine, GenParams, QueueFull
 from phitune.serving.metrics import SCOPE_KEY, Exchange, MetricsMiddleware, ServingMetrics
+from phitune.serving.playground import add_routes as add_playground_routes
 from phitune.serving.request_log import RequestLog
 from phitune.serving.schemas import APIError, invalid, parse_chat_request
 
@@ -379,6 +381,7 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
     app.add_exception_handler(Exception, _unexpected)
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_api_route("/metrics", service.prometheus, methods=["GET"])
+    add_playground_routes(app)
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", service.model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
