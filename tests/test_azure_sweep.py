@@ -293,13 +293,13 @@ def test_default_sweep_is_translated_with_one_note_and_a_tag(tmp_path, capsys):
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     want = ("Azure ML has no TPE sampler; sampling=random keeps the log-uniform train.learning_rate_multiplier and "
-            "the median stopping policy (Azure's bayesian sampling allows neither log-uniform nor early termination)")
+            "the bandit policy (Azure's bayesian sampling allows neither log-uniform nor early termination)")
     assert notes == [f"note: {want}"]
 
     job = load_job(tmp_path / "azure" / "sweep_job.yaml")
     assert job.tags["phitune.translation"] == want
     assert job.sampling_algorithm.type == "random" and job.sampling_algorithm.seed == 42
-    assert isinstance(job.early_termination, MedianStoppingPolicy)
+    assert isinstance(job.early_termination, BanditPolicy)  # successive halving's closest Azure policy
     lr = job.search_space["train_learning_rate_multiplier"]
     assert lr.type == "loguniform" and (lr.min_value, lr.max_value) == pytest.approx((math.log(0.2), math.log(5.0)))
 
@@ -317,11 +317,11 @@ def test_train_py_multirun_dry_run_writes_the_default_sweep(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert [line for line in res.stderr.splitlines() if line.startswith("note:")] == [
         "note: Azure ML has no TPE sampler; sampling=random keeps the log-uniform train.learning_rate_multiplier and "
-        "the median stopping policy (Azure's bayesian sampling allows neither log-uniform nor early termination)"]
+        "the bandit policy (Azure's bayesian sampling allows neither log-uniform nor early termination)"]
     job = load_job(out / "sweep_job.yaml")
     assert job.type == "sweep" and job.sampling_algorithm.type == "random"
     assert job.tags["phitune.translation"].startswith("Azure ML has no TPE sampler")
-    assert isinstance(job.early_termination, MedianStoppingPolicy) and job.limits.max_total_trials == 20
+    assert isinstance(job.early_termination, BanditPolicy) and job.limits.max_total_trials == 20
     assert set(job.search_space) == {"train_learning_rate_multiplier", "train_batch_size_multiplier", "train_epochs"}
 
 

@@ -16,9 +16,11 @@ REPORT_BATCH = 8  # examples per forward pass of a report's evaluation (the loss
 
 
 class TrialCallback(Callback):
-    def __init__(self, reporter, model, valid_examples: list, device, train_examples: list, spec):
-        """`spec`: the run's LoopSpec (epochs, batch plan, max_steps, seed) to size the whole trial."""
-        self.reporter, self.model, self.device = reporter, model, device
+    def __init__(self, reporter, model, valid_examples: list, device, train_examples: list, spec, key: str = "loss"):
+        """`spec`: the run's LoopSpec (epochs, batch plan, max_steps, seed) to size the whole trial;
+        `key`: what evaluate() result is reported, in the study's direction (task=classification: macro_f1)."""
+        self.key = key
+        self.reporter, self.model, self.device, self.spec = reporter, model, device, spec
         lengths = [len(e.input_ids) for e in train_examples]
         self.planned = planned_tokens(lengths, spec.plan, spec.epochs, spec.max_steps, spec.seed)
         settings = reporter.pruner_spec
@@ -45,5 +47,6 @@ class TrialCallback(Callback):
         from phitune.train.distributed import Dist
         from phitune.train.loop import evaluate
 
-        # One process: callbacks run on the main rank only.
-        return float(evaluate(self.model, self.examples, REPORT_BATCH, Dist(device=self.device), self.groups)["loss"])
+        # One process: callbacks run on the main rank only. The spec: the run's memory settings and task.
+        return float(evaluate(self.model, self.examples, REPORT_BATCH, Dist(device=self.device), self.groups,
+                              spec=self.spec)[self.key])
