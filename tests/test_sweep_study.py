@@ -19,14 +19,13 @@ def conf(cls, **kw):
     return OmegaConf.merge(OmegaConf.structured(cls), kw)
 
 
-@pytest.mark.parametrize("name, cls", [("median", optuna.pruners.MedianPruner),
-                                       ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
-                                       ("hyperband", optuna.pruners.HyperbandPruner),
-                                       ("none", optuna.pruners.NopPruner)])
-def test_pruner_spec_rebuilds_the_same_pruner(name, cls):
+@pytest.mark.parametrize("name", ["median", "successive_halving", "hyperband"])
+def test_pruner_spec_rebuilds_the_same_pruner(name):
+    # Optuna's pruner inside: tests/test_sweep_pruning.py
     spec = st.pruner_spec(conf(PrunerConf, name=name))
-    assert isinstance(st.build_pruner(spec), cls)
+    assert st.build_pruner(spec).name == name
     assert st.pruner_spec(conf(PrunerConf, name=name)) == spec  # plain JSON, stable
+    assert isinstance(st.build_pruner(st.pruner_spec(conf(PrunerConf, name="none"))), optuna.pruners.NopPruner)
 
 
 def test_unknown_sampler_or_pruner_is_a_clear_error():

@@ -177,7 +177,6 @@ def _journal_storage(url: str):
 SAMPLER_CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler",
                    "qmc": "QMCSampler", "nsgaii": "NSGAIISampler", "nsgaiii": "NSGAIIISampler", "gp": "GPSampler"}
 SAMPLERS = tuple(SAMPLER_CLASSES)
-PRUNERS = ("median", "successive_halving", "hyperband", "threshold", "none")
 # What `sampler.name: X` passes when the node is another sampler's (phitune's sweeps/*.yaml name
 # their sampler on the default TPE node): these arguments, the node's value where it has one.
 _NAMED_ARGS = {"tpe": {"seed": None, "n_startup_trials": 10, "multivariate": False, "constant_liar": False},
@@ -298,48 +297,17 @@ def grid_size(space: dict[str, "BaseDistribution"]) -> int:
 
 
 def pruner_spec(conf) -> dict:
-    """The pruner settings as plain JSON, stored on the study for jobs to rebuild."""
-    name = str(conf.name).lower()
-    if name in ("nop", "null", "off", "false"):
-        name = "none"
-    if name not in PRUNERS:
-        raise PhituneError(f"hydra.sweeper.pruner.name={name!r}: expected one of {', '.join(PRUNERS)}")
-    if name == "median":
-        return {"name": name, "n_startup_trials": int(conf.n_startup_trials), "n_warmup_steps": int(conf.n_warmup_steps),
-                "interval_steps": int(conf.interval_steps)}
-    if name == "successive_halving":
-        return {"name": name, "min_resource": _resource(conf.min_resource), "reduction_factor": int(conf.reduction_factor),
-                "min_early_stopping_rate": int(conf.min_early_stopping_rate)}
-    if name == "hyperband":
-        return {"name": name, "min_resource": int(conf.min_resource) if str(conf.min_resource) != "auto" else 1,
-                "max_resource": _resource(conf.max_resource), "reduction_factor": int(conf.reduction_factor)}
-    if name == "threshold":
-        if conf.lower is None and conf.upper is None:
-            raise PhituneError("hydra.sweeper.pruner.name=threshold needs pruner.lower or pruner.upper")
-        return {"name": name, "lower": None if conf.lower is None else float(conf.lower),
-                "upper": None if conf.upper is None else float(conf.upper), "n_warmup_steps": int(conf.n_warmup_steps)}
-    return {"name": "none"}
+    """The pruner settings as plain JSON, stored on the study for jobs to rebuild (phitune.sweep.pruning)."""
+    from phitune.sweep.pruning import pruner_spec as spec
 
-
-def _resource(value) -> Any:
-    return "auto" if str(value) == "auto" else int(value)
+    return spec(conf)
 
 
 def build_pruner(spec: dict | None):
-    """pruner_spec(...) -> an Optuna pruner. A study without a spec (not created by phitune) is not pruned."""
-    import optuna
+    """pruner_spec(...) -> a pruner; a study without a spec (not created by phitune) is not pruned."""
+    from phitune.sweep.pruning import build_pruner as build
 
-    spec = dict(spec or {"name": "none"})
-    name = spec.pop("name", "none")
-    if name == "median":
-        return optuna.pruners.MedianPruner(**spec)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**spec)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(**spec)
-    if name == "threshold":
-        return optuna.pruners.ThresholdPruner(**spec)
-    return optuna.pruners.NopPruner()
+    return build(spec)
 
 
 def describe_sampler(conf) -> str:
