@@ -27,6 +27,7 @@ model learns to stop.
 """
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -266,3 +267,34 @@ def count_tokens(tokenizer, messages: Sequence[Mapping[str, Any]]) -> tuple[int,
     """(total tokens, trained tokens) of a conversation, without truncation."""
     enc = encode_example(tokenizer, messages, max_len=2**62)
     return len(enc.input_ids), sum(1 for label in enc.labels if label != IGNORE_INDEX)
+
+
+class EncodeOnce:
+    """count_tokens for validation, then encode_example for training, tokenising each conversation once.
+
+    A run validates every file (token counts need the full encoding) before it
+    loads and encodes the examples; the validator and the loader parse the same
+    JSON lines into separate objects, so the encoding is kept under the
+    conversation's JSON text. encode_example(max_len) is the full encoding cut at
+    max_len, so the kept encoding is exactly what encode_example would return.
+    """
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self._kept: dict[str, Encoded] = {}
+
+    @staticmethod
+    def _key(messages) -> str:
+        return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+    def count(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+        enc = encode_example(self.tokenizer, messages, max_len=2**62)
+        self._kept[self._key(messages)] = Encoded(enc.input_ids[:self.max_len], enc.labels[:self.max_len])
+        return len(enc.input_ids), sum(1 for label in enc.labels if label != IGNORE_INDEX)
+
+    def encode(self, messages: Sequence[Mapping[str, Any]]) -> Encoded:
+        kept = self._kept.pop(self._key(messages), None)  # popped: a duplicate line is encoded afresh
+        return kept if kept is not None else encode_example(self.tokenizer, messages, self.max_len)
+
+    def forget(self) -> None:
+        self._kept.clear()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from phitune.chat import IGNORE_INDEX, chat_tokens, count_tokens, encode_example
+from phitune.chat import IGNORE_INDEX, EncodeOnce, chat_tokens
 from phitune.errors import PhituneError
 from phitune.preflight import check_run, config_hash, default_output_dir
 from phitune.redact import redact_text
@@ -117,11 +117,12 @@ def _setup_data(cfg) -> Data:
 
     max_len = int(cfg.data.max_seq_len or cfg.model.context_length)
     tokenizer = load_tokenizer(cfg.model)
-    splits = prepare_splits(cfg.data, token_counter=lambda m: count_tokens(tokenizer, m), context_length=max_len,
+    encoder = EncodeOnce(tokenizer, max_len)  # validation's token counts and training's ids: one tokenisation
+    splits = prepare_splits(cfg.data, token_counter=encoder.count, context_length=max_len,
                             control_tokens=chat_tokens(tokenizer).control_strings)
     _safety_screen(cfg, splits)
-    data = Data(tokenizer, splits, _encode(splits.train, tokenizer, max_len, "training"),
-                _encode(splits.valid, tokenizer, max_len, "validation"))
+    data = Data(tokenizer, splits, _encode(splits.train, encoder, "training"), _encode(splits.valid, encoder, "validation"))
+    encoder.forget()
     if not data.train:
         raise PhituneError(f"{cfg.data.train_file}: no example has a trainable assistant token")
     return data
@@ -135,10 +136,10 @@ def _safety_screen(cfg, splits) -> None:
     screen_examples(cfg, splits)
 
 
-def _encode(examples, tokenizer, max_len: int, what: str):
-    out, dropped = [], 0
+def _encode(examples, encoder: EncodeOnce, what: str):
+    out, dropped, max_len = [], 0, encoder.max_len
     for ex in examples:
-        enc = encode_example(tokenizer, ex.messages, max_len)
+        enc = encoder.encode(ex.messages)
         if any(label != IGNORE_INDEX for label in enc.labels[1:]):
             out.append(enc)
         else:
