@@ -142,6 +142,10 @@ def read_pyfunc_model(folder: Path, uri: str) -> tuple[dict, Optional[str], Opti
     except (OSError, ValueError) as exc:
         raise PhituneError(f"{base}: cannot read the base model reference: {exc}") from None
     adapter = folder / (artifacts.get("adapter") or {}).get("path", "artifacts/adapter")
+    from phitune.tracking.pyfunc_model import localize_base
+
+    shipped = (artifacts.get("base_model") or {}).get("path")
+    base_ref = localize_base(base_ref, str(folder / shipped) if shipped else None)
     return base_ref, (str(adapter) if adapter.is_dir() else None), mlmodel.get("run_id")
 
 
@@ -151,9 +155,15 @@ def run_base_reference(run_id: str, workdir: Path) -> dict:
 
     try:
         path = download(f"runs:/{run_id}/model/artifacts/base.json", workdir / "base")
-        return json.loads(Path(path).read_text())
+        base = json.loads(Path(path).read_text())
     except (PhituneError, MlflowException, OSError, ValueError):
-        pass
+        base = None
+    if base is not None:
+        from phitune.tracking.pyfunc_model import localize_base
+
+        if base.get("shipped") and not (base.get("local_path") and Path(base["local_path"]).is_dir()):
+            base["path"] = str(download(f"runs:/{run_id}/model/artifacts/{base['shipped']}", workdir / "base_model"))
+        return localize_base(base)
     try:
         path = download(f"runs:/{run_id}/config.yaml", workdir / "config")
     except PhituneError as exc:

@@ -217,15 +217,16 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
         mlflow_logger.setLevel(logging.ERROR)  # CloudPickle / ChatParams notices of every pyfunc log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ChatModel's deprecation in MLflow 3
-            info = _log_model_of_task(client.get_run(run_id), base, adapter, name)
+            info = _log_model_of_task(client.get_run(run_id), base, adapter, name, cand.metrics)
     finally:
         mlflow_logger.setLevel(level)
         mlflow.end_run(status=status)  # leave the source run as it was (FINISHED)
     return f"models:/{info.model_id}"
 
 
-def _log_model_of_task(run, base: dict, adapter: Path, name: str):
-    """The checkpoint as the MLflow model its run's task logs (chat, or a classifier)."""
+def _log_model_of_task(run, base: dict, adapter: Path, name: str, metrics: dict):
+    """The checkpoint as the MLflow model its run's task logs (chat, or a classifier); a chat
+    model carries the epoch's metrics (metrics.json) at the epoch's step."""
     from phitune.tasks import TASK_TAG
 
     if run.data.tags.get(TASK_TAG) == "classification":
@@ -234,7 +235,7 @@ def _log_model_of_task(run, base: dict, adapter: Path, name: str):
         return log_classifier_model(dict(base, task="classification"), adapter, name=name)
     from phitune.tracking.pyfunc_model import log_chat_model
 
-    return log_chat_model(base, adapter, name=name)
+    return log_chat_model(base, adapter, name=name, metrics=metrics, step=metrics.get("step"))
 
 
 def version_tags(cand: Candidate, metric: str, parent_id: Optional[str]) -> dict:

@@ -1,13 +1,27 @@
-"""The MLflow model a run logs: a pyfunc chat model = base reference + adapter.
+"""The MLflow model a run logs: a pyfunc chat model = base reference + adapter, standing on its own.
 
-Artifacts: `base.json` (how to get the base: Hub id, local path or phitune's
-builtin tiny model) and `adapter/` (peft adapter, safetensors; or a full model
-folder for train.method=full). `mlflow.pyfunc.load_model` and
-`mlflow models serve --env-manager local` both load it through load_context.
+Artifacts (under `artifacts/` of the model folder):
+
+    base.json      how to get the base model, portable: a Hub id and revision, phitune's
+                   builtin tiny model by name and version (rebuilt offline), or a folder
+                   shipped next to it (`base_model/`, when it has no Hub id and is small);
+                   `local_path` only says where it was at training time (used where it exists)
+    adapter/       peft adapter, safetensors (or a whole model folder for train.method=full)
+    phitune-*.whl  phitune itself (not on PyPI), named by requirements.txt
+    README.md      the model card: base, data digests, hyperparameters, metrics, how to serve
+
+requirements.txt pins what loading imports at the installed versions, as PyPI names
+them (a local build's `2.13.0+cpu` becomes `2.13.0`), so `mlflow models serve` with its
+default environment manager, or `mlflow models build-docker`, can rebuild the
+environment. `mlflow.pyfunc.load_model` and `mlflow models serve --env-manager local`
+load it in this environment through load_context.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import threading
 import time
 import uuid
@@ -30,7 +44,8 @@ class PhituneChatModel(ChatModel):
         from phitune.modeling.generate import ChatGenerator
         from phitune.modeling.loader import load_for_inference
 
-        base = json.loads(Path(context.artifacts["base"]).read_text())
+        base = localize_base(json.loads(Path(context.artifacts["base"]).read_text()),
+                             context.artifacts.get("base_model"))
         adapter = context.artifacts.get("adapter")
         model, tokenizer = load_for_inference(base, adapter)
         self.name = base.get("served_name") or base.get("name") or "phitune"
@@ -63,43 +78,146 @@ class PhituneChatModel(ChatModel):
         )
 
 
-def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model"):
-    """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo."""
+# A base folder without a Hub id travels inside the model up to this size (tiny and test
+# models, a few MB); a bigger one stays where it is, recorded as local_path, with a note.
+SHIP_BASE_MAX_BYTES = 1 << 30
+# What load_context imports, pinned at the installed versions (phitune's wheel adds its own ranges).
+_PINNED = ("torch", "transformers", "tokenizers", "safetensors", "peft", "accelerate", "omegaconf", "hydra-core",
+           "mlflow")
+
+
+def portable_base(ref: dict) -> tuple[dict, Path | None]:
+    """base.json as it travels with the model, and the folder to ship with it (or None)."""
+    ref = dict(ref)
+    path = ref.pop("path", None)
+    if not path:
+        if ref.get("builtin"):
+            from phitune.modeling.tiny import TINY_VERSION
+
+            ref["builtin_version"] = TINY_VERSION  # same phitune, same bytes: rebuilt offline where it loads
+        return ref, None
+    ref["local_path"] = path
+    if ref.get("hub_id") or ref.get("method") == "full":  # the Hub has it / the adapter folder is the model
+        return ref, None
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    if size <= SHIP_BASE_MAX_BYTES:
+        ref["shipped"] = "base_model"
+        return ref, Path(path)
+    print(f"note: the logged model needs its base folder {path} ({size / 2**30:.1f} GiB, no hub id) on the machine "
+          "that loads it; set model.hub_id to make it portable", file=sys.stderr)
+    return ref, None
+
+
+def localize_base(ref: dict, shipped_dir: str | None = None) -> dict:
+    """The base reference to load from here: the shipped folder, else the training machine's
+    folder where it exists, else the Hub id or builtin. An older model's absolute `path` stays."""
+    ref = dict(ref)
+    if ref.get("path"):
+        return ref
+    if shipped_dir and Path(shipped_dir).is_dir():
+        ref["path"] = str(shipped_dir)
+    elif ref.get("local_path") and Path(ref["local_path"]).is_dir():
+        ref["path"] = ref["local_path"]
+    elif ref.get("local_path") and not ref.get("hub_id") and not ref.get("builtin"):
+        from phitune.errors import PhituneError
+
+        raise PhituneError(f"the base model of this model is the folder {ref['local_path']} of the machine it was "
+                           "trained on, and it is not here (it was not shipped with the model)")
+    return ref
+
+
+def requirements(wheel: str | None = None) -> list[str]:
+    """Pins PyPI can resolve: a local build label (`+cpu`, `+cu124`) is dropped, since PyPI
+    publishes none; phitune itself as the wheel in the model folder (`pip install -r` runs there)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    reqs = []
+    for pkg in _PINNED:
+        try:
+            reqs.append(f"{pkg}=={Version(version(pkg)).public}")
+        except PackageNotFoundError:
+            pass
+    if wheel:
+        reqs.append(f"./artifacts/{wheel}")
+    return reqs
+
+
+def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model", metrics: dict | None = None,
+                   step: int | None = None):
+    """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo.
+
+    The LoggedModel carries `metrics` (default: every metric of the run, at its latest step),
+    so MLflow's Models tab can rank it; the run's own history is not touched."""
     import logging
     import tempfile
     import warnings
 
+    from phitune.tracking.card import model_card
+    from phitune.tracking.wheel import build_wheel
+
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
+    run = mlflow.tracking.MlflowClient().get_run(mlflow.active_run().info.run_id)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow warns that ChatModel is deprecated (for agents) and that a pickled
         # python_model runs code on load; both are known and accepted here.
         warnings.simplefilter("ignore", FutureWarning)
         pyfunc_log.setLevel(logging.ERROR)
+        base, ship = portable_base(base_ref)
         base_file = Path(tmp) / "base.json"
-        base_file.write_text(json.dumps(base_ref, indent=2))
+        base_file.write_text(json.dumps(base, indent=2))
+        card = Path(tmp) / "README.md"
+        card.write_text(model_card(base, run, metrics))
+        wheel = build_wheel(tmp)
+        artifacts = {"base": str(base_file), "adapter": str(adapter_dir), "card": str(card), "wheel": str(wheel)}
+        if ship is not None:  # MLflow names an artifact folder by its basename (and refuses a symlink)
+            shutil.copytree(ship, Path(tmp) / "base_model", copy_function=_link_or_copy)
+            artifacts["base_model"] = str(Path(tmp) / "base_model")
         try:
-            return mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=PhituneChatModel(),
-                artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
+                artifacts=artifacts,
                 # MLflow answers this example once to validate the model: keep it short.
                 input_example={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
                                "temperature": 0.0},
                 # Explicit requirements: inferring them imports and times the whole env (slow).
-                pip_requirements=_requirements(),
+                pip_requirements=requirements(wheel.name),
+                step=step or 0,
             )
         finally:
             pyfunc_log.setLevel(level)
+    link_metrics(run, info.model_id, metrics, step)
+    return info
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same file system: no second copy of the weights
+    except OSError:
+        shutil.copy2(src, dst)
 
-    reqs = []
-    for pkg in ("torch", "transformers", "peft", "safetensors", "tokenizers", "mlflow"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except PackageNotFoundError:
-            pass
-    return reqs
+
+def link_metrics(run, model_id: str, metrics: dict | None = None, step: int | None = None) -> None:
+    """Attach metrics to a LoggedModel. A run metric is re-sent with its own timestamp and step,
+    which MLflow's store keeps once in the run's history and adds to the model's."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = mlflow.tracking.MlflowClient()
+    now, batch = int(time.time() * 1000), []
+    wanted = dict(run.data.metrics) if metrics is None else {k: float(v) for k, v in metrics.items()
+                                                             if isinstance(v, (int, float)) and k != "step"}
+    for key, value in wanted.items():
+        history = client.get_metric_history(run.info.run_id, key)
+        if metrics is None and history:
+            point = history[-1]
+        else:  # an epoch's value: the run's point at that step if it has it
+            point = next((p for p in history if p.step == int(step or 0) and p.value == value), None)
+        batch.append(Metric(key, value, point.timestamp if point else now, point.step if point else int(step or 0),
+                            model_id=model_id))
+    for i in range(0, len(batch), 1000):  # MLflow's log_batch limit
+        client.log_batch(run.info.run_id, metrics=batch[i:i + 1000])
