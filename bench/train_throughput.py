@@ -67,8 +67,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "data" / "support_train.jsonl"
 DEFAULT_PEERS = ("phitune", "trainer", "trl", "phitune-densemask")
-ALL_PEERS = ("phitune", "trainer", "trl", "trl-gc", "phitune-densemask", "phitune-varlen")
-TARGET_VS_TRL = 1.3  # goal: phitune at least 1.3x TRL's tokens/s
+ALL_PEERS = ("phitune", "trainer", "trl", "trl-gc", "trl-packing", "phitune-densemask", "phitune-varlen")
+# --whole: whole processes, each the same job (train one epoch, validation loss at the end, adapter saved)
+WHOLE_PEERS = ("phitune", "trl", "trl-packing", "trainer")
+ALL_WHOLE_PEERS = WHOLE_PEERS + ("phitune-default",)
+TARGET_VS_TRL = 1.3  # tiny model: phitune at least 1.3x TRL's tokens/s
+# phi3-60m: training tokens/s >= 1.7x TRL's best setting, whole process >= 1.5x faster, peak RSS <= 0.7x
+TARGETS_60M = {"tokens_per_s": 1.7, "whole_process": 1.5, "peak_rss": 0.7}
+# The realistic shape: Phi-3's architecture and its real 32,064-row vocabulary (embedding and
+# output head: 2 x 16.4M parameters) at 8 layers x 512 wide, 60,105,216 parameters in all.
+PHI3_60M = dict(vocab_size=32064, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
 
 LORA = dict(rank=8, alpha=16, dropout=0.05, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
 MODEL_CFG = {"name": "tiny-phi3", "builtin": "tiny-phi3", "torch_dtype": "float32", "attn_implementation": "sdpa"}
@@ -130,6 +139,68 @@ def _load_examples(path: Path, n: int) -> list[list[dict]]:
     if len(rows) < n:
         raise SystemExit(f"{path}: {len(rows)} examples, --examples asks for {n}")
     return rows
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PHITUNE_CACHE") or Path.home() / ".cache" / "phitune") / "bench"
+
+
+def ensure_phi3_60m() -> Path:
+    """The realistic-shape model as a local folder (built once, ~10 s): PHI3_60M, random weights
+    (seed 0), float32, and tiny-phi3's tokenizer and chat template (its 2,112 ids index the first
+    rows of the 32,064-row table; the compute per token is that of the full vocabulary)."""
+    out = _cache_root() / "phi3-60m"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from phitune.modeling.tiny import ensure_tiny_phi3
+
+    tiny = ensure_tiny_phi3()
+    tiny_cfg = Phi3Config.from_pretrained(tiny)
+    cfg = Phi3Config(**PHI3_60M, original_max_position_embeddings=PHI3_60M["max_position_embeddings"],
+                     bos_token_id=tiny_cfg.bos_token_id, eos_token_id=tiny_cfg.eos_token_id,
+                     pad_token_id=tiny_cfg.pad_token_id, tie_word_embeddings=False, sliding_window=None, use_cache=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Phi3ForCausalLM(cfg).to(torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".phi3-60m-", dir=out.parent))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp, save_jinja_files=False)
+    tmp.rename(out)
+    return out
+
+
+def _first_sentence(text: str) -> str:
+    import re
+
+    m = re.match(r".*?[.!?](\s|$)", text, re.S)
+    return (m.group(0) if m else text).strip()
+
+
+def short_chats(src: Path, n: int, dst: Path) -> Path:
+    """The first n conversations of src cut to one short exchange: the first sentence of the first
+    user turn and of the first assistant turn (data/support_train.jsonl: 38 tokens a chat on average).
+    Short chats keep four whole-process peers x repeats inside a 10-minute run on 2 busy cores."""
+    rows = _load_examples(src, n)
+    with open(dst, "w", encoding="utf-8") as f:
+        for msgs in rows:
+            user = next(m for m in msgs if m["role"] == "user")
+            reply = next(m for m in msgs if m["role"] == "assistant")
+            f.write(json.dumps({"messages": [{"role": "user", "content": _first_sentence(user["content"])},
+                                             {"role": "assistant", "content": _first_sentence(reply["content"])}]})
+                    + "\n")
+    return dst
+
+
+def _use_model(args) -> None:
+    """MODEL_CFG / MAX_LEN for --model (the peers read them)."""
+    global MODEL_CFG
+    if args.model == "phi3-60m":
+        MODEL_CFG = {"name": "phi3-60m", "path": str(ensure_phi3_60m()), "torch_dtype": "float32",
+                     "attn_implementation": "sdpa"}
 
 
 def register_varlen_attention() -> str:
@@ -248,7 +319,17 @@ def _TrainerTick(clock):
     return Tick()
 
 
-def run_trl(args, tokenizer, conversations, clock: StepClock, gradient_checkpointing: bool) -> dict:
+def _packed_row_len(tokenizer, conversations, batch: int) -> int:
+    """TRL's packing counts packed rows per batch: one row of about `batch` examples' tokens
+    (rounded up to 64) gives the same tokens per optimizer step as the other peers."""
+    lengths = [len(e) for e in _encodings(tokenizer, conversations)]
+    steps = -(-len(lengths) // batch)
+    row = -(-sum(lengths) // steps)
+    return max(-(-row // 64) * 64, max(lengths))
+
+
+def run_trl(args, tokenizer, conversations, clock: StepClock, gradient_checkpointing: bool,
+            packing: bool = False) -> dict:
     import transformers
     from datasets import Dataset
     from peft import LoraConfig, TaskType
@@ -261,16 +342,19 @@ def run_trl(args, tokenizer, conversations, clock: StepClock, gradient_checkpoin
     model = _base_model()
     peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=list(LORA["target_modules"]), bias="none", task_type=TaskType.CAUSAL_LM)
+    # packing=True: TRL's bfd packing, padding-free rows with position_ids restarting per example
+    batch, max_length = (1, _packed_row_len(tokenizer, conversations, args.batch)) if packing else (args.batch, MAX_LEN)
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(
-            output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+            output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
             num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
             max_grad_norm=1.0, seed=SEED, data_seed=SEED, use_cpu=True, bf16=False, fp16=False,
             report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0,
-            # SFT-specific: assistant-only loss; packing / padding_free stay at their default False
-            assistant_only_loss=True, max_length=MAX_LEN, gradient_checkpointing=gradient_checkpointing,
+            # SFT-specific: assistant-only loss; packing / padding_free stay at their default False but for trl-packing
+            assistant_only_loss=True, max_length=max_length, gradient_checkpointing=gradient_checkpointing,
+            packing=packing,
         )
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[_TrainerTick(clock)])
@@ -301,6 +385,7 @@ def child(args) -> None:
 
     from phitune.modeling.loader import load_tokenizer
 
+    _use_model(args)
     tokenizer = load_tokenizer(MODEL_CFG)
     conversations = _load_examples(Path(args.data), args.examples)
     clock = StepClock()
@@ -313,8 +398,9 @@ def child(args) -> None:
                             densemask=args.peer == "phitune-densemask")
     elif args.peer == "trainer":
         extra = run_trainer(args, tokenizer, conversations, clock)
-    elif args.peer in ("trl", "trl-gc"):
-        extra = run_trl(args, tokenizer, conversations, clock, gradient_checkpointing=args.peer == "trl-gc")
+    elif args.peer in ("trl", "trl-gc", "trl-packing"):
+        extra = run_trl(args, tokenizer, conversations, clock, gradient_checkpointing=args.peer == "trl-gc",
+                        packing=args.peer == "trl-packing")
     else:
         raise SystemExit(f"unknown peer {args.peer}")
     run_s = time.perf_counter() - t0
@@ -330,13 +416,253 @@ def child(args) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+# --------------------------------------------------------------------------- whole processes (--whole)
+# The same job four ways, each a whole `python` process timed from outside: train one LoRA epoch
+# (--batch examples per optimizer step), the validation loss once at the end, the adapter saved.
+# phitune's is `python train.py` itself (it also tracks the run in MLflow and logs the model).
+
+
+def _phitune_overrides(args, work: Path, tag: str, evaluate_at_end: bool) -> list[str]:
+    return [f"model.path={args.model_dir}", f"model.name={args.model}", f"model.base_learning_rate={args.lr}",
+            f"model.base_batch_size={args.batch}", f"train.max_device_batch={args.batch}",
+            f"model.context_length={MAX_LEN}", f"data.train_file={work / 'train.jsonl'}",
+            f"data.validation_file={args.valid}", "train.epochs=1", "train.progress=false", "train.eval_steps=0",
+            f"train.evaluate_at_end={str(evaluate_at_end).lower()}", f"seed={SEED}",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}", f"train.output_dir={work / ('ckpt-' + tag)}",
+            f"hydra.run.dir={work / ('hydra-' + tag)}"]
+
+
+# Where phitune's fixed cost goes: these functions are timed (inclusive; nested ones overlap).
+PHASES = (("phitune.train.loop", "fit"), ("phitune.recipe", "_setup_data"), ("phitune.recipe", "_setup_training"),
+          ("phitune.tracking.run", "setup_tracking"), ("phitune.recipe", "_finalise"), ("phitune.recipe", "_log_model"),
+          ("phitune.evaluation.run", "evaluate_run"))
+
+
+def job_phitune(args, work: Path, tag: str, evaluate_at_end: bool) -> dict:
+    """`python train.py ...` run in this process (runpy), with the PHASES timed."""
+    import importlib
+    import runpy
+
+    t_start = time.perf_counter()
+    spent: dict[str, float] = {}
+
+    def timed(name, real):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    # Imported here rather than by train.py a moment later (torch, mlflow: they would be anyway).
+    for mod_name, attr in PHASES:
+        mod = importlib.import_module(mod_name)
+        setattr(mod, attr, timed(attr, getattr(mod, attr)))
+    from phitune.train.callbacks import Callback
+
+    loop, clock = importlib.import_module("phitune.train.loop"), StepClock()
+    timed_fit = loop.fit
+
+    class Tick(Callback):
+        def on_step(self, step, metrics):
+            clock.step_end()
+
+    def clocked_fit(model, *a, **k):  # fit(model, optimizer, scheduler, train, valid, spec, dist, callbacks, ...)
+        clock.attach(model.get_base_model())
+        a = list(a)
+        a[6] = list(a[6]) + [Tick()]
+        clock.start()
+        return timed_fit(model, *a, **k)
+
+    loop.fit = clocked_fit
+    spent["imports_before_train_py"] = time.perf_counter() - t_start
+    sys.argv = [str(ROOT / "train.py"), *_phitune_overrides(args, work, tag, evaluate_at_end)]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    return {"loop_s": spent.get("fit", 0.0), "phases": spent, **clock.summary(args.warmup)}
+
+
+def _lora_config():
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=list(LORA["target_modules"]), bias="none", task_type=TaskType.CAUSAL_LM)
+
+
+def _train_args(args, out: str, batch: int) -> dict:
+    return dict(output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+                gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="linear",
+                warmup_steps=0, weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0, seed=SEED, data_seed=SEED,
+                use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no", eval_strategy="no",
+                disable_tqdm=True, dataloader_num_workers=0, logging_steps=1)
+
+
+def job_trl(args, work: Path, tag: str, packing: bool) -> dict:
+    """What a TRL user writes for this job: load_dataset, from_pretrained, SFTTrainer with LoRA."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    data = load_dataset("json", data_files={"train": str(work / "train.jsonl"), "validation": str(args.valid)})
+    batch, max_length = (1, args.pack_len) if packing else (args.batch, MAX_LEN)
+    out = str(work / ("trl-" + tag))
+    cfg = SFTConfig(**_train_args(args, out, batch), assistant_only_loss=True, max_length=max_length,
+                    gradient_checkpointing=False, packing=packing)
+    clock = StepClock()
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["validation"],
+                         processing_class=tokenizer, peft_config=_lora_config(), callbacks=[_TrainerTick(clock)])
+    clock.attach(trainer.model.get_base_model())
+    t0 = time.perf_counter()
+    clock.start()
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(out)
+    return {"loop_s": time.perf_counter() - t0, "eval_loss": metrics["eval_loss"], **clock.summary(args.warmup)}
+
+
+def job_trainer(args, work: Path, tag: str) -> dict:
+    """A plain HF Trainer script: phitune's chat encoding, padded batches, peft LoRA."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from phitune.chat import encode_example
+    from phitune.data.pack import pad
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    train = [encode_example(tokenizer, m, MAX_LEN) for m in _load_examples(work / "train.jsonl", args.examples)]
+    valid = [encode_example(tokenizer, json.loads(line)["messages"], MAX_LEN)
+             for line in Path(args.valid).read_text(encoding="utf-8").splitlines() if line.strip()]
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, _lora_config())
+    out = str(work / ("trainer-" + tag))
+    clock = StepClock()
+    clock.attach(model.get_base_model())
+    trainer = Trainer(model=model, args=TrainingArguments(**_train_args(args, out, args.batch),
+                                                          remove_unused_columns=False),
+                      train_dataset=train, eval_dataset=valid, data_collator=lambda b: pad(b, tokenizer.pad_token_id),
+                      callbacks=[_TrainerTick(clock)])
+    t0 = time.perf_counter()
+    clock.start()
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(out)
+    return {"loop_s": time.perf_counter() - t0, "eval_loss": metrics["eval_loss"], **clock.summary(args.warmup)}
+
+
+def job_child(args) -> None:
+    work, tag = Path(args.workdir), f"{args.job}-{args.tag}"
+    if args.job in ("phitune", "phitune-default"):
+        res = job_phitune(args, work, tag, evaluate_at_end=args.job == "phitune-default")
+    elif args.job in ("trl", "trl-packing"):
+        res = job_trl(args, work, tag, packing=args.job == "trl-packing")
+    else:
+        res = job_trainer(args, work, tag)
+    print(RESULT_TAG + json.dumps(dict(res, job=args.job)), flush=True)
+
+
+def _run_job(args, job: str, work: Path, tag: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", job, "--tag", tag, "--workdir", str(work),
+           "--model", args.model, "--model-dir", str(args.model_dir), "--valid", str(args.valid),
+           "--examples", str(args.examples), "--batch", str(args.batch), "--lr", str(args.lr),
+           "--pack-len", str(args.pack_len), "--warmup", str(args.warmup)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(ROOT / "src"))
+    log = work / f"{tag}-{job}.log"
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time and peak RSS
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(text[-6000:])
+        raise SystemExit(f"job {job} failed (exit {proc.returncode}); log: {log}")
+    res = json.loads(lines[-1][len(RESULT_TAG):])
+    return dict(res, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=usage.ru_maxrss / 1024,
+                fixed_s=wall - res["loop_s"])
+
+
+def whole(args) -> None:
+    jobs = [p.strip() for p in args.peers.split(",") if p.strip()] if args.peers_given else list(WHOLE_PEERS)
+    for j in jobs:
+        if j not in ALL_WHOLE_PEERS:
+            raise SystemExit(f"--peers: unknown whole-process peer {j!r} (known: {', '.join(ALL_WHOLE_PEERS)})")
+    work = Path(tempfile.mkdtemp(prefix="phitune-whole-"))
+    rows = _load_examples(Path(args.data), args.examples)
+    (work / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows), encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    args.pack_len = _packed_row_len(AutoTokenizer.from_pretrained(args.model_dir), rows, args.batch)
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()  # the store exists, as on a 2nd run
+    print(f"# whole processes: {args.examples} chats of {args.data}, validation {args.valid}, model {args.model} "
+          f"({args.model_dir}), {args.batch} per step, 1 epoch, lr {args.lr:g}, {args.threads} thread(s), "
+          f"trl-packing rows of {args.pack_len} tokens; work dir {work}", flush=True)
+    runs: dict[str, list[dict]] = {j: [] for j in jobs}
+    for r in range(args.repeats):
+        for j in (jobs if r % 2 == 0 else list(reversed(jobs))):
+            res = _run_job(args, j, work, str(r))
+            runs[j].append(res)
+            print(f"  repeat {r + 1} {j:16s} wall {res['wall_s']:6.1f} s  CPU {res['cpu_s']:6.1f} s  "
+                  f"loop {res['loop_s']:6.1f} s  fixed {res['fixed_s']:5.1f} s  peak RSS {res['peak_rss_mib']:6.0f} MiB  "
+                  f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+            if res.get("phases"):
+                print("      phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()), flush=True)
+    keys = ("wall_s", "cpu_s", "loop_s", "fixed_s", "tokens_per_s", "tokens_per_cpu_s")
+    med = {j: {k: statistics.median(x[k] for x in runs[j]) for k in keys} for j in jobs}
+    rss = {j: max(x["peak_rss_mib"] for x in runs[j]) for j in jobs}
+    trls = [j for j in ("trl", "trl-packing") if j in med]
+    best = min(trls, key=lambda j: med[j]["wall_s"]) if trls else None
+    print(f"\n| job | training tokens/s (median of {args.repeats}) | tokens per CPU-s | wall s | CPU s | "
+          "loop s (train + final validation + save) | fixed s (wall - loop) | peak RSS MiB |"
+          + (f" tokens/s vs {best} | wall: {best} / job | RSS vs {best} |" if best else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if best else ""))
+    for j in jobs:
+        m = med[j]
+        line = (f"| {j} | {m['tokens_per_s']:.0f} | {m['tokens_per_cpu_s']:.0f} | {m['wall_s']:.1f} | {m['cpu_s']:.1f} | "
+                f"{m['loop_s']:.1f} | {m['fixed_s']:.1f} | {rss[j]:.0f} |")
+        if best:
+            line += (f" {m['tokens_per_s'] / med[best]['tokens_per_s']:.2f}x | {med[best]['wall_s'] / m['wall_s']:.2f}x |"
+                     f" {rss[j] / rss[best]:.2f}x |")
+        print(line)
+    if best and "phitune" in med and args.model == "phi3-60m":
+        tps = max((j for j in trls), key=lambda j: med[j]["tokens_per_s"])
+        train_speed = med["phitune"]["tokens_per_s"] / med[tps]["tokens_per_s"]
+        print(f"\ntraining tokens/s, phitune vs TRL-best ({tps}): {train_speed:.2f}x (per CPU-second "
+              f"{med['phitune']['tokens_per_cpu_s'] / med[tps]['tokens_per_cpu_s']:.2f}x; target >= "
+              f"{TARGETS_60M['tokens_per_s']}x: {'met' if train_speed >= TARGETS_60M['tokens_per_s'] else 'NOT met'})")
+        speed = med[best]["wall_s"] / med["phitune"]["wall_s"]
+        ratio_rss = rss["phitune"] / rss[best]
+        print(f"whole process, phitune vs TRL-best ({best}): {speed:.2f}x faster (target >= "
+              f"{TARGETS_60M['whole_process']}x: {'met' if speed >= TARGETS_60M['whole_process'] else 'NOT met'}); "
+              f"peak RSS {ratio_rss:.2f}x (target <= {TARGETS_60M['peak_rss']}x: "
+              f"{'met' if ratio_rss <= TARGETS_60M['peak_rss'] else 'NOT met'}); fixed cost "
+              f"{med['phitune']['fixed_s']:.1f} s vs {med[best]['fixed_s']:.1f} s")
+    _print_machine()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "versions": _versions()}, indent=2,
+                                              default=str))
+
+
 # --------------------------------------------------------------------------- parent side
 
 
 def _run_peer(args, peer: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peer", peer, "--examples", str(args.examples),
            "--threads", str(args.threads), "--lr", str(args.lr), "--batch", str(args.batch),
-           "--warmup", str(args.warmup), "--data", str(args.data)]
+           "--warmup", str(args.warmup), "--data", str(args.data), "--model", args.model]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
@@ -375,6 +701,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def _print_machine() -> dict:
+    v = _versions()
+    print(f"\nmachine: {_cpu_model()}, {os.cpu_count()} logical CPU(s); python {platform.python_version()}; "
+          + ", ".join(f"{k} {val}" for k, val in v.items()))
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    return v
 
 
 def parent(args) -> None:
@@ -425,10 +759,15 @@ def parent(args) -> None:
             if p in med:
                 print(f"phitune-varlen (prototype fix) / {label}: {med['phitune-varlen'] / med[p]:.2f}x "
                       f"(per CPU-second: {med_cpu['phitune-varlen'] / med_cpu[p]:.2f}x)")
-    v = _versions()
-    print(f"\nmachine: {_cpu_model()}, {os.cpu_count()} logical CPU(s); python {platform.python_version()}; "
-          + ", ".join(f"{k} {val}" for k, val in v.items()))
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    trls = [p for p in ("trl", "trl-packing") if p in med]
+    if ref and trls and args.model == "phi3-60m":
+        best = max(trls, key=lambda p: med[p])
+        speed, speed_cpu, ratio_rss = ref / med[best], med_cpu["phitune"] / med_cpu[best], rss["phitune"] / rss[best]
+        print(f"phitune / TRL-best ({best}): {speed:.2f}x tokens/s, {speed_cpu:.2f}x per CPU-second "
+              f"(target >= {TARGETS_60M['tokens_per_s']}x: {'met' if speed >= TARGETS_60M['tokens_per_s'] else 'NOT met'}); "
+              f"peak RSS {ratio_rss:.2f}x (target <= {TARGETS_60M['peak_rss']}x: "
+              f"{'met' if ratio_rss <= TARGETS_60M['peak_rss'] else 'NOT met'})")
+    v = _print_machine()
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "median_tokens_per_s": med,
                                                "median_tokens_per_cpu_s": med_cpu,
@@ -438,13 +777,21 @@ def parent(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
-                    help=f"comma-separated, of {', '.join(ALL_PEERS)} (default: %(default)s)")
+    ap.add_argument("--peers", default=None,
+                    help=f"comma-separated, of {', '.join(ALL_PEERS)} (default: {','.join(DEFAULT_PEERS)}); "
+                         f"with --whole, of {', '.join(ALL_WHOLE_PEERS)} (default: {','.join(WHOLE_PEERS)})")
+    ap.add_argument("--model", choices=("tiny", "phi3-60m"), default="tiny",
+                    help="tiny: the builtin tiny Phi-3; phi3-60m: Phi-3's architecture with the real 32,064 vocabulary "
+                         "at 8 x 512 (built in this script), 128 short chats, 16 a step, lr 3e-4 (default: %(default)s)")
+    ap.add_argument("--whole", action="store_true",
+                    help="whole processes: `python train.py` vs the same job written with TRL and HF Trainer")
     ap.add_argument("--repeats", type=int, default=3, help="runs per peer, order alternating (default: %(default)s)")
-    ap.add_argument("--examples", type=int, default=160, help="first N conversations of --data (default: %(default)s)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="tiny-phi3's base_learning_rate (default: %(default)s)")
+    ap.add_argument("--examples", type=int, default=None, help="first N conversations of --data (default: 160; phi3-60m 128)")
+    ap.add_argument("--data", default=None, help="chat JSONL (default: data/support_train.jsonl; phi3-60m: its short chats)")
+    ap.add_argument("--valid", default=None, help="--whole: validation JSONL (default: data/support_valid.jsonl, "
+                                                  "phi3-60m: its short chats)")
+    ap.add_argument("--batch", type=int, default=None, help="examples per optimizer step (default: 8; phi3-60m 16)")
+    ap.add_argument("--lr", type=float, default=None, help="default: 2e-3 (tiny-phi3's base), phi3-60m 3e-4")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads, the same for every peer (default: %(default)s; see bench/README.md)")
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing (default: %(default)s)")
@@ -452,12 +799,46 @@ def main(argv=None) -> None:
     ap.add_argument("--peer", choices=ALL_PEERS, help="internal: run one peer in this process and print its result")
     ap.add_argument("--profile", action="store_true", help="with --peer: torch.profiler table of 4 steps after warm-up")
     ap.add_argument("--profile-rows", type=int, default=25)
+    for internal in ("--job", "--tag", "--workdir", "--model-dir"):  # --whole's children
+        ap.add_argument(internal, help=argparse.SUPPRESS)
+    ap.add_argument("--pack-len", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    if args.job:
+        job_child(args)
+        return
+    _defaults(args)
     if args.peer:
-        sys.path.insert(0, str(ROOT / "src"))
         child(args)
+    elif args.whole:
+        whole(args)
     else:
         parent(args)
+
+
+def _defaults(args) -> None:
+    """Per-model defaults; phi3-60m writes its short chats into the bench cache."""
+    big = args.model == "phi3-60m"
+    args.peers_given = args.peers is not None
+    if args.peers is None:
+        args.peers = ",".join(WHOLE_PEERS if args.whole else DEFAULT_PEERS)
+    args.examples = args.examples or (128 if big else 160)
+    args.batch = args.batch or (16 if big else 8)
+    args.lr = args.lr if args.lr is not None else (3e-4 if big else 2e-3)
+    if big and (args.data is None or args.valid is None) and not args.peer:
+        _cache_root().mkdir(parents=True, exist_ok=True)
+        args.data = args.data or str(short_chats(DEFAULT_DATA, args.examples, _cache_root() / "short_train.jsonl"))
+        args.valid = args.valid or str(short_chats(ROOT / "data" / "support_valid.jsonl", 48,
+                                                   _cache_root() / "short_valid.jsonl"))
+    args.data = args.data or str(DEFAULT_DATA)
+    args.valid = args.valid or str(ROOT / "data" / "support_valid.jsonl")
+    if args.whole:
+        if big:
+            args.model_dir = str(ensure_phi3_60m())
+        else:
+            from phitune.modeling.tiny import ensure_tiny_phi3
+
+            args.model_dir = str(ensure_tiny_phi3())
 
 
 if __name__ == "__main__":
