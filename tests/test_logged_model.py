@@ -164,3 +164,33 @@ def test_a_hub_model_trained_from_a_local_copy_records_the_hub_id(tiny_model_cfg
     assert localize_base(base)["path"] == str(tiny_model_dir)  # the copy is used where it exists
     gone = dict(base, local_path="/nonexistent/phi3")
     assert "path" not in localize_base(gone)  # elsewhere: the Hub id
+
+
+def test_each_kept_epoch_and_the_final_model_are_logged_models_with_their_metrics(tmp_path_factory):
+    """MLflow's Models tab: the real tiny run's two kept epochs and its final model, each with its metrics."""
+    from test_eval import real_run
+
+    real = real_run(tmp_path_factory)
+    client = MlflowClient(real["uri"])
+    run = client.get_run(real["run_id"])
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])}
+    assert {"model", "checkpoint-epoch-001", "checkpoint-epoch-002"} <= set(models)
+    history = {m.step: m.value for m in client.get_metric_history(real["run_id"], "full_valid_loss")}
+    for epoch in (1, 2):
+        model = models[f"checkpoint-epoch-{epoch:03d}"]
+        got = {m.key: (m.value, m.step) for m in model.metrics}
+        value, step = got["full_valid_loss"]
+        assert got["epoch"][0] == epoch and history[step] == value and "perplexity" in got
+        assert model.tags["phitune.files"] == f"runs:/{real['run_id']}/checkpoints/epoch-{epoch:03d}"
+        assert model.source_run_id == real["run_id"] and model.params["model.name"] == "tiny-phi3"
+    assert models["checkpoint-epoch-001"].metrics[0].step < models["checkpoint-epoch-002"].metrics[0].step
+    final = {m.key: m.value for m in models["model"].metrics}
+    # every final metric of the run, not only those at its step (evaluate_at_end's eval_* come after the model)
+    assert {k for k in run.data.metrics if not k.startswith("eval_")} <= set(final)
+    assert {"train_runtime_s", "train_loss", "perplexity", "full_valid_mean_token_accuracy"} <= set(final)
+    assert final["full_valid_loss"] == run.data.metrics["full_valid_loss"]
+    # ranked by MLflow itself, as its Models tab does
+    ranked = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string="metrics.full_valid_loss < 100",
+                                         order_by=[{"field_name": "metrics.full_valid_loss", "ascending": True}])
+    assert {m.name for m in ranked} >= {"model", "checkpoint-epoch-001", "checkpoint-epoch-002"}

@@ -199,8 +199,10 @@ def test_epoch_checkpoints_are_candidates(real, capsys, tmp_path):
     # the checkpoint's model was logged into the source run, which stays FINISHED
     run = client.get_run(rid)
     assert run.info.status == "FINISHED"
-    names = {client.get_logged_model(o.model_id).name for o in run.outputs.model_outputs}
-    assert names == {"model", "checkpoint-epoch-001"}
+    names = {client.get_logged_model(o.model_id).name: o.model_id for o in run.outputs.model_outputs}
+    assert set(names) == {"model", "checkpoint-epoch-001", "checkpoint-epoch-002"}
+    # the files went into epoch 1's LoggedModel from training (no second one of that name)
+    assert v1.source == f"models:/{names['checkpoint-epoch-001']}" and len(run.outputs.model_outputs) == 3
     from phitune.models.uri import resolve
 
     src = resolve("models:/ckpt@champion", real["uri"], tmp_path / "m")

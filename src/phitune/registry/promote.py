@@ -109,15 +109,25 @@ def _has_model(client, run) -> bool:
     return _logged_model_id(client, run, "model") is not None
 
 
-def _logged_model_id(client, run, name: str) -> Optional[str]:
+def _logged_model_id(client, run, name: str, servable: bool = False) -> Optional[str]:
+    """The run's LoggedModel called `name`; servable: only one with model files (an epoch's
+    LoggedModel from training has none until promote logs them into it)."""
+    from phitune.tracking.pyfunc_model import CHECKPOINT_MODEL_TYPE
+
     outputs = getattr(run, "outputs", None)
     for out in (outputs.model_outputs if outputs is not None and outputs.model_outputs else []):
         try:
-            if client.get_logged_model(out.model_id).name == name:
-                return out.model_id
+            model = client.get_logged_model(out.model_id)
         except Exception:  # a deleted logged model
             continue
+        if model.name == name and not (servable and model.model_type == CHECKPOINT_MODEL_TYPE
+                                       and not _has_files(client, model.model_id)):
+            return out.model_id
     return None
+
+
+def _has_files(client, model_id: str) -> bool:
+    return any(f.path == "MLmodel" for f in client.list_logged_model_artifacts(model_id))
 
 
 def _final_step(client, run_id: str) -> Optional[int]:
@@ -189,9 +199,11 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
         model_id = _logged_model_id(client, cand.run, "model")
         return f"models:/{model_id}"
     name = f"checkpoint-{cand.checkpoint}"
-    existing = _logged_model_id(client, client.get_run(run_id), name)
+    run = client.get_run(run_id)
+    existing = _logged_model_id(client, run, name, servable=True)
     if existing:
         return f"models:/{existing}"
+    epoch_model = _logged_model_id(client, run, name)  # the epoch's LoggedModel: the files go into it
     import logging
     import warnings
 
@@ -210,23 +222,29 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
     status = client.get_run(run_id).info.status
     print(f"logging {cand.checkpoint} of run {run_id} as the MLflow model {name} (loads it once to check it)",
           file=sys.stderr)
-    mlflow.start_run(run_id=run_id)
+    from phitune.tasks import TASK_TAG
+
+    chat = run.data.tags.get(TASK_TAG) != "classification"
+    if not (chat and epoch_model):  # a new LoggedModel, linked to the run: MLflow wants it active
+        mlflow.start_run(run_id=run_id)
     mlflow_logger = logging.getLogger("mlflow")
     level = mlflow_logger.level
     try:
         mlflow_logger.setLevel(logging.ERROR)  # CloudPickle / ChatParams notices of every pyfunc log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ChatModel's deprecation in MLflow 3
-            info = _log_model_of_task(client.get_run(run_id), base, adapter, name, cand.metrics)
+            info = _log_model_of_task(run, base, adapter, name, cand.metrics, epoch_model if chat else None)
     finally:
         mlflow_logger.setLevel(level)
-        mlflow.end_run(status=status)  # leave the source run as it was (FINISHED)
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)  # leave the source run as it was (FINISHED)
     return f"models:/{info.model_id}"
 
 
-def _log_model_of_task(run, base: dict, adapter: Path, name: str, metrics: dict):
+def _log_model_of_task(run, base: dict, adapter: Path, name: str, metrics: dict, model_id: Optional[str] = None):
     """The checkpoint as the MLflow model its run's task logs (chat, or a classifier); a chat
-    model carries the epoch's metrics (metrics.json) at the epoch's step."""
+    model carries the epoch's metrics (metrics.json) at the epoch's step, or goes into the
+    epoch's LoggedModel `model_id` that training made."""
     from phitune.tasks import TASK_TAG
 
     if run.data.tags.get(TASK_TAG) == "classification":
@@ -235,7 +253,7 @@ def _log_model_of_task(run, base: dict, adapter: Path, name: str, metrics: dict)
         return log_classifier_model(dict(base, task="classification"), adapter, name=name)
     from phitune.tracking.pyfunc_model import log_chat_model
 
-    return log_chat_model(base, adapter, name=name, metrics=metrics, step=metrics.get("step"))
+    return log_chat_model(base, adapter, name=name, metrics=metrics, step=metrics.get("step"), model_id=model_id)
 
 
 def version_tags(cand: Candidate, metric: str, parent_id: Optional[str]) -> dict:

@@ -145,11 +145,13 @@ def requirements(wheel: str | None = None) -> list[str]:
 
 
 def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model", metrics: dict | None = None,
-                   step: int | None = None):
+                   step: int | None = None, model_id: str | None = None):
     """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo.
 
     The LoggedModel carries `metrics` (default: every metric of the run, at its latest step),
-    so MLflow's Models tab can rank it; the run's own history is not touched."""
+    so MLflow's Models tab can rank it; the run's own history is not touched. With
+    `model_id` (an epoch's checkpoint LoggedModel, which has its metrics already) the files
+    go into that model instead, and no run may be active: MLflow would link it to the run twice."""
     import logging
     import tempfile
     import warnings
@@ -159,7 +161,11 @@ def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model",
 
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
-    run = mlflow.tracking.MlflowClient().get_run(mlflow.active_run().info.run_id)
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(client.get_logged_model(model_id).source_run_id if model_id
+                         else mlflow.active_run().info.run_id)
+    if step is None and metrics is None:  # the final model: at the run's last step
+        step = max((int(m.step) for m in getattr(run.data, "_metric_objs", [])), default=0)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow warns that ChatModel is deprecated (for agents) and that a pickled
         # python_model runs code on load; both are known and accepted here.
@@ -185,12 +191,44 @@ def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model",
                                "temperature": 0.0},
                 # Explicit requirements: inferring them imports and times the whole env (slow).
                 pip_requirements=requirements(wheel.name),
-                step=step or 0,
+                step=int(step or 0),
+                model_id=model_id,
             )
         finally:
             pyfunc_log.setLevel(level)
-    link_metrics(run, info.model_id, metrics, step)
+    if model_id is None:
+        link_metrics(run, info.model_id, metrics, step)
     return info
+
+
+CHECKPOINT_MODEL_TYPE = "phitune-checkpoint"  # an epoch's LoggedModel before promote gives it files
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint-epoch-{epoch:03d}"  # MLflow 3 model names cannot hold "/"
+
+
+def log_checkpoint_model(run_id: str, experiment_id: str, epoch: int, step: int, metrics: dict) -> str | None:
+    """A kept epoch as a LoggedModel with that epoch's metrics at its step (MLflow's Models tab
+    ranks them). No files of its own: the adapter is the run's checkpoints/epoch-NNN (no second
+    copy) and building the pyfunc model would load the base mid-training; `phitune promote
+    --checkpoint N` logs the servable model into it. None if the run already has it (resume)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    client = mlflow.tracking.MlflowClient()
+    name = checkpoint_name(epoch)
+    if client.search_logged_models(experiment_ids=[experiment_id],
+                                   filter_string=f"name = '{name}' AND source_run_id = '{run_id}'"):
+        return None
+    run = client.get_run(run_id)
+    params = {k: v for k, v in run.data.params.items() if k.startswith("train.") or k == "model.name"}
+    model = client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, model_type=CHECKPOINT_MODEL_TYPE, params=params,
+        tags={"phitune.checkpoint": f"epoch-{epoch:03d}", "phitune.files": f"runs:/{run_id}/checkpoints/epoch-{epoch:03d}"})
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    link_metrics(run, model.model_id, dict(metrics, epoch=epoch), step)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -132,6 +132,16 @@ class TrackedRun(Callback):
             # Each kept epoch is a deployable candidate, as Azure's and OpenAI's checkpoints are.
             mlflow.log_artifacts(str(Path(checkpoint_dir) / "adapter"), f"checkpoints/epoch-{epoch:03d}")
             mlflow.log_text(json.dumps(dict(metrics, epoch=epoch, step=step)), f"checkpoints/epoch-{epoch:03d}/metrics.json")
+            self._checkpoint_model(epoch, step, metrics)
+
+    def _checkpoint_model(self, epoch: int, step: int, metrics: dict) -> None:
+        from phitune.tracking.pyfunc_model import log_checkpoint_model
+
+        try:
+            log_checkpoint_model(self.run_id, self.experiment_id, epoch, step, metrics)
+        except mlflow.exceptions.MlflowException as exc:  # a store without LoggedModels (MLflow 2 servers)
+            print(f"note: epoch {epoch} is not an MLflow LoggedModel ({str(exc.message).splitlines()[0][:200]}); "
+                  f"its checkpoint is in the run's artifacts", file=sys.stderr)
 
     def _log_metrics(self, metrics: dict, step: int) -> None:
         # A resumed run replays the steps after its checkpoint (or all of them, killed before
