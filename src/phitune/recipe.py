@@ -31,11 +31,11 @@ from phitune.tasks import TASK_TAG, is_classification, of_config
 from phitune.train import distributed
 
 
-def _trial_callback(reporter, data, job, dist):
+def _trial_callback(reporter, data, job, dist, key: str = "loss"):
     """Tokens and validation-loss reports against training progress (phitune.sweep.trial_callback)."""
     from phitune.sweep.trial_callback import TrialCallback
 
-    return TrialCallback(reporter, job.model, data.valid, dist.device, data.train, job.spec)
+    return TrialCallback(reporter, job.model, data.valid, dist.device, data.train, job.spec, key)
 
 
 def _trial_reporter(cfg):
@@ -292,7 +292,9 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
             tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **job.derived})
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             _log_datasets(cfg, data.splits)
-            callbacks = [tracker] + ([_trial_callback(reporter, data, job, dist)] if reporter else [])
+            # reports in the objective's direction: full_valid_loss -> loss, full_valid_macro_f1 -> macro_f1
+            key = objective_name(cfg).removeprefix("full_valid_")
+            callbacks = [tracker] + ([_trial_callback(reporter, data, job, dist, key)] if reporter else [])
             t0 = time.time()
             state = fit(job.model, job.optimizer, job.scheduler, data.train, data.valid, job.spec, dist, callbacks,
                         job.state, tracker.run_id)

@@ -55,8 +55,10 @@ def log_classifier_model(base_ref: dict, adapter_dir, name: str = "model"):
 
     import pandas as pd
 
-    from phitune.tracking.pyfunc_model import _requirements
+    from phitune.tracking import pyfunc_model
 
+    # the chat model's pins (named `requirements` in the newer pyfunc_model, `_requirements` before)
+    pins = getattr(pyfunc_model, "requirements", None) or getattr(pyfunc_model, "_requirements")
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -69,7 +71,7 @@ def log_classifier_model(base_ref: dict, adapter_dir, name: str = "model"):
                 name=name, python_model=PhituneClassifierModel(),
                 artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
                 input_example=pd.DataFrame({"input": ["I was charged twice this month"]}),
-                pip_requirements=_requirements(),
+                pip_requirements=pins(),
             )
         finally:
             pyfunc_log.setLevel(level)

@@ -132,12 +132,15 @@ def _run(args) -> int:
 
     print(f"loading {args.model_uri} ...", file=sys.stderr, flush=True)
     source = resolve(args.model_uri, tracking_uri)
-    generator = load_generator(source)
+    from phitune.classify.serving import NoGeneration, load_classifier
+
+    classifier = load_classifier(source)  # None for a chat model
+    generator = NoGeneration(classifier.context_length) if classifier else load_generator(source)
     settings = ServerSettings(
         model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
         model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
-    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log)
+    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, classifier=classifier)
 
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)

@@ -170,6 +170,12 @@ def evaluate_model_uri(cfg) -> dict:
                            "(MODEL_URI: models:/NAME@ALIAS, runs:/RUN_ID/model, a checkpoint folder...)") from None
     settings = settings_from(cfg.get("eval"))
     mlflow.set_tracking_uri(cfg.tracking.uri)
+    from phitune.classify.data import looks_like_classification
+
+    if looks_like_classification(test_file):  # labelled lines: score a classifier (phitune.classify.evaluate)
+        from phitune.classify.evaluate import evaluate_classifier
+
+        return evaluate_classifier(cfg, model_uri, test_file, settings)
     # The data first: a bad file stops before any model is downloaded or loaded.
     conversations, digest = load_conversations(test_file, settings.limit, cfg.data.get("allow_warnings", True))
     with tempfile.TemporaryDirectory(prefix="phitune-eval-") as tmp:

@@ -362,7 +362,8 @@ async def _unexpected(request, exc: Exception):
 
 def build_app(generator, api_key: str, settings: ServerSettings | None = None,
               prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None,
-              request_log: RequestLog | None = None) -> FastAPI:
+              request_log: RequestLog | None = None, classifier=None) -> FastAPI:
+    """classifier: a phitune.classify.predict.Classifier (then `generator` is a stand-in and chat answers 400)."""
     service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter, request_log)
 
     @asynccontextmanager
@@ -384,5 +385,10 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
     add_playground_routes(app)
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", service.model, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    if classifier is None:
+        app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    else:  # POST /v1/classifications, and chat refused (phitune.classify.serving)
+        from phitune.classify.serving import add_routes
+
+        add_routes(app, service, classifier)
     return app
