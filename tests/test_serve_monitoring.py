@@ -32,7 +32,7 @@ def generator(tiny_model_cfg):
 
 
 @contextmanager
-def app_server(generator, safety=None, request_log=None, **settings):
+def app_server(generator, safety=None, request_log=None, tracer=None, **settings):
     from phitune.safety.filter import build_filters, load_safety_config
     from phitune.serving.app import ServerSettings, build_app
     from phitune.serving.server import ThreadedServer
@@ -40,7 +40,7 @@ def app_server(generator, safety=None, request_log=None, **settings):
     prompt_filter, completion_filter = build_filters(load_safety_config(overrides=safety or {}))
     settings = ServerSettings(model_id=MODEL, model_info={"version": "3", "uri": f"models:/{MODEL}@champion"},
                               **settings)
-    app = build_app(generator, KEY, settings, prompt_filter, completion_filter, request_log)
+    app = build_app(generator, KEY, settings, prompt_filter, completion_filter, request_log, tracer)
     with ThreadedServer(app) as server:
         yield server
 
@@ -188,10 +188,42 @@ def test_log_request_flags_fail_before_the_model_loads(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert main(["serve", "models:/nope@champion", "--log-request-content"]) == 1
-    assert "--log-request-content needs --log-requests" in capsys.readouterr().err
+    assert "--log-request-content needs --log-requests FILE or --trace-sample" in capsys.readouterr().err
     assert main(["serve", "models:/nope@champion", "--log-requests", str(blocker / "log.jsonl")]) == 1
     err = capsys.readouterr().err
     assert f"--log-requests {blocker / 'log.jsonl'}" in err and "Traceback" not in err and "nope" not in err
+    assert main(["serve", "models:/nope@champion", "--trace-sample", "10"]) == 1
+    assert "--trace-sample 10: expected a fraction from 0 to 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --trace-sample
+
+def test_sampled_calls_become_mlflow_traces(generator, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from phitune.serving.traces import Tracer
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    MlflowClient(uri).search_experiments()  # creates the store, as a training run would have
+    tracer = Tracer(uri, 1.0)
+    with app_server(generator, tracer=tracer) as server:
+        api = client(server.url)
+        plain = api.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
+        list(api.chat.completions.create(model=MODEL, messages=ASK[1:], max_tokens=3, temperature=0, stream=True))
+    tracer.close()
+    traces = MlflowClient(uri).search_traces(locations=[tracer.experiment_id])
+    assert len(traces) == 2
+    spans = {t.data.spans[0].attributes["response_id"]: t.data.spans[0] for t in traces}
+    span = spans[plain.id]
+    assert span.name == "chat.completions" and span.span_type == "CHAT_MODEL"
+    assert span.attributes["model"] == MODEL and span.attributes["model_version"] == "3"
+    assert span.inputs["messages"][1] == {"role": "user", "content": "[redacted: 27 characters]"}
+    assert span.inputs["temperature"] == 0 and span.inputs["max_tokens"] == 4
+    assert span.outputs["usage"]["completion_tokens"] == plain.usage.completion_tokens
+    assert span.outputs["finish_reason"] == plain.choices[0].finish_reason
+    assert "password" not in json.dumps([s.inputs for s in spans.values()])
+    assert Tracer(uri, 0.0).sampled() is False and Tracer(uri, 1.0).sampled() is True
 
 
 # ------------------------------------------------------------------ phitune deployments show

@@ -203,8 +203,11 @@ tokenizer = AutoTokenizer.from_pretrained("DIR")
 BASE is the base model above ({base})."""
     checks = ""
     if result.checks:
-        rows = "\n".join(f"| {c['messages'][-1]['content']} | {c['served']!r} | {'yes' if c['served'] == c['exported'] else 'NO'} |"
-                         for c in result.checks)
+        def cell(text: str) -> str:  # one table cell: no line breaks, no column separators
+            return " ".join(text.split()).replace("|", "\\|")
+
+        rows = "\n".join(f"| {cell(c['messages'][-1]['content'])} | {cell(repr(c['served']))} | "
+                         f"{'yes' if c['served'] == c['exported'] else 'NO'} |" for c in result.checks)
         checks = f"""
 ## Check
 

@@ -85,7 +85,12 @@ def register(subparsers) -> None:
                    help="append one chat JSONL line per answered request (the format `phitune data validate` and "
                         "data.train_file= read, with the model version); content redacted unless --log-request-content")
     p.add_argument("--log-request-content", action="store_true",
-                   help="keep the messages' text in --log-requests (it may hold personal data)")
+                   help="keep the messages' text in --log-requests and traces (it may hold personal data)")
+    p.add_argument("--trace-sample", type=float, default=0.0, metavar="RATE",
+                   help="log this fraction of chat calls as MLflow traces in the tracking store (default: 0, off; "
+                        "0.1: about one in ten)")
+    p.add_argument("--trace-experiment", default="phitune-serving", metavar="NAME",
+                   help="MLflow experiment of those traces (default: phitune-serving)")
     add_filter_arguments(p)
     p.set_defaults(func=_serve)
 
@@ -120,8 +125,11 @@ def _run(args) -> int:
 
         torch.set_num_threads(args.threads)
     prompt_filter, completion_filter = filters_from_args(args)  # a bad filter config fails before the model loads
-    if args.log_request_content and not args.log_requests:
-        raise PhituneError("--log-request-content needs --log-requests FILE")
+    from phitune.serving.traces import check_rate
+
+    check_rate(args.trace_sample)
+    if args.log_request_content and not (args.log_requests or args.trace_sample):
+        raise PhituneError("--log-request-content needs --log-requests FILE or --trace-sample RATE")
     request_log = None
     if args.log_requests:
         from phitune.serving.request_log import RequestLog
@@ -140,7 +148,12 @@ def _run(args) -> int:
         model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
         model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
-    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, classifier=classifier)
+    tracer = None
+    if args.trace_sample > 0:
+        from phitune.serving.traces import Tracer
+
+        tracer = Tracer(tracking_uri, args.trace_sample, args.trace_experiment, args.log_request_content)
+    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, tracer, classifier=classifier)
 
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)
@@ -155,6 +168,9 @@ def _run(args) -> int:
     if request_log is not None:
         kept = "content kept" if request_log.keep_content else "content redacted"
         print(f"  request log: {request_log.path} ({kept})", flush=True)
+    if tracer is not None:
+        print(f"  MLflow traces: {tracer.rate:g} of the calls, experiment {tracer.experiment} in {tracking_uri}",
+              flush=True)
     if key_source == "generated":
         print(f"  API key (generated; shown once, set PHITUNE_API_KEY to choose one): {key}", flush=True)
     else:

@@ -137,13 +137,13 @@ class ChatService:
     """
 
     def __init__(self, generator, settings: ServerSettings, prompt_filter: ContentFilter | None,
-                 completion_filter: ContentFilter | None, request_log: RequestLog | None = None):
+                 completion_filter: ContentFilter | None, request_log: RequestLog | None = None, tracer=None):
         self.settings = settings
         self.limit = int(settings.max_tokens_limit or generator.context_length)  # max_tokens accepted
         self.metrics = ServingMetrics(lambda: self.engine.pending, settings.max_queue + 1)
         self.engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
                              min(settings.default_max_tokens, self.limit), on_batch=self.metrics.batch.observe)
-        self.request_log = request_log
+        self.request_log, self.tracer = request_log, tracer  # tracer: phitune.serving.traces.Tracer
         self.prompt_filter, self.completion_filter = prompt_filter, completion_filter
         self.model_id = settings.model_id
         self.created = int(time.time())
@@ -199,12 +199,18 @@ class ChatService:
         """Note the outcome for the metrics (counted when the response ends) and the request log."""
         ex.finish_reason, ex.first_token_at = finish, job.first_token_at
         ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion_tokens
+        info = self.settings.model_info
+        model = {"model": self.model_id, "model_version": info.get("version"),
+                 "model_uri": info.get("resolved_uri") or info.get("uri")}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         if self.request_log is not None and text is not None and finish in ("stop", "length"):
-            info = self.settings.model_info
-            self.request_log.write(req.messages, text, {
-                "id": head["id"], "model": self.model_id, "model_version": info.get("version"),
-                "model_uri": info.get("resolved_uri") or info.get("uri"), "finish_reason": finish,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}})
+            self.request_log.write(req.messages, text, {"id": head["id"], **model, "finish_reason": finish,
+                                                        "usage": usage})
+        if self.tracer is not None and self.tracer.sampled():
+            params = {"temperature": req.temperature, "top_p": req.top_p, "max_tokens": req.max_tokens,
+                      "stop": req.stop, "stream": req.stream}
+            self.tracer.record(ex.arrived, req.messages, params, text, {"finish_reason": finish, "usage": usage},
+                               {**model, "response_id": head["id"]})
 
     async def _screen_prompt(self, messages) -> list | None:
         """The prompt's Azure-style verdict (None when unfiltered); APIError when it is blocked."""
@@ -362,9 +368,10 @@ async def _unexpected(request, exc: Exception):
 
 def build_app(generator, api_key: str, settings: ServerSettings | None = None,
               prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None,
-              request_log: RequestLog | None = None, classifier=None) -> FastAPI:
+              request_log: RequestLog | None = None, tracer=None, classifier=None) -> FastAPI:
     """classifier: a phitune.classify.predict.Classifier (then `generator` is a stand-in and chat answers 400)."""
-    service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter, request_log)
+    service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter, request_log,
+                          tracer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -372,6 +379,8 @@ def build_app(generator, api_key: str, settings: ServerSettings | None = None,
         await asyncio.to_thread(service.engine.close, 2.0)
         if request_log is not None:
             request_log.close()
+        if tracer is not None:
+            await asyncio.to_thread(tracer.close)
 
     app = FastAPI(title="phitune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.service, app.state.engine, app.state.settings = service, service.engine, service.settings
