@@ -141,3 +141,22 @@ def test_sample_tickets_are_generated_and_usable(repo_root):
     valid = data.validate(repo_root / "data/tickets_valid.jsonl", training=False)
     assert train.ok and valid.ok and train.n_warnings == 0
     assert train.n_examples >= 300 and 5 <= len(train.label_counts) <= 8
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ([], "full_valid_loss"),
+    (["task=classification"], "full_valid_macro_f1"),
+    (["task=classification", "hydra.sweeper.metric=full_valid_loss", "hydra.sweeper.direction=minimize"],
+     "full_valid_loss"),  # a sweep that says otherwise gets what it optimises
+])
+def test_the_job_returns_the_metric_the_sweep_optimises(repo_root, overrides, expect):
+    from hydra.core.hydra_config import HydraConfig
+
+    from phitune.recipe import objective_name
+
+    cfg = _compose(repo_root, *overrides)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert objective_name(cfg) == expect
+    finally:
+        HydraConfig.instance().cfg = None
