@@ -128,3 +128,43 @@ def test_the_evaluate_module_loaded_by_path_agrees():
     assert out["accuracy"] == pytest.approx(4 / 6)
     assert out["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0.0) / 3)  # as by hand above (scikit-learn's too)
     assert out["per_class"]["d"]["support"] == 0 and len(out["confusion_matrix"]) == 4
+
+
+def test_the_loop_trains_a_classifier_and_resumes_it_to_the_same_weights(tiny_model_cfg, tiny_tokenizer, tmp_path):
+    from phitune.train.checkpoint import latest_checkpoint, load_checkpoint
+    from phitune.train.distributed import Dist
+    from phitune.train.loop import LoopSpec, TrainState, fit
+    from phitune.train.schedule import plan_batch
+
+    examples = _encoded(tiny_tokenizer, TEXTS * 3)  # 15 examples, 4 per step: 4 steps an epoch
+    plan = plan_batch(4, 1, 4)
+
+    def job(out, epochs):
+        torch.manual_seed(0)
+        model = _classifier(tiny_model_cfg, tiny_tokenizer)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        spec = LoopSpec(epochs=epochs, plan=plan, seed=1, eval_steps=2, output_dir=str(out), progress=False,
+                        task=ClassifyOps(3))
+        return model, opt, sched, spec
+
+    dist = Dist()
+    model, opt, sched, spec = job(tmp_path / "a", 2)
+    state = fit(model, opt, sched, examples, examples[:6], spec, dist)
+    row = state.history[1]
+    assert {"train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_macro_f1"} <= set(row)
+    assert "train_mean_token_accuracy" not in row
+    assert {"full_valid_loss", "full_valid_accuracy", "full_valid_macro_f1"} <= set(state.epoch_metrics[-1])
+    assert "perplexity" not in state.epoch_metrics[-1]
+
+    first, opt1, sched1, spec1 = job(tmp_path / "b", 1)
+    fit(first, opt1, sched1, examples, examples[:6], spec1, dist)  # a run stopped after epoch 1
+    resumed, opt2, sched2, spec2 = job(tmp_path / "b", 2)
+    st = load_checkpoint(latest_checkpoint(tmp_path / "b"), resumed, opt2, sched2)
+    assert (latest_checkpoint(tmp_path / "b") / "adapter" / "labels.json").is_file()
+    fit(resumed, opt2, sched2, examples, examples[:6], spec2, dist,
+        state=TrainState(epoch=st["epoch"], step=st["step"], train_tokens=st["train_tokens"], history=st["history"],
+                         epoch_metrics=st["epoch_metrics"]))
+    for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, msg=name)
