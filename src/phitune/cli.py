@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "deployments", "deploy", "undeploy", "export"]
+COMMANDS = ["data", "compare", "promote", "models", "eval", "serve", "chat", "deployments", "deploy", "undeploy", "export",
+            "sweep"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -289,6 +289,8 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
     try:
         with tracker:
             record_run(job.spec.output_dir, tracker.run_id)  # before any step: a SIGKILL from here on is resumable
+            if reporter is not None:
+                reporter.link_run(tracker.run_id)
             tracker.log_params({**flatten(OmegaConf.to_container(cfg, resolve=True)), **job.derived})
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             _log_datasets(cfg, data.splits)

@@ -30,6 +30,9 @@ from phitune.errors import PhituneError
 PRUNED_AT_ATTR = "phitune.pruned_at"
 
 
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+
+
 class TrialReporter:
     def __init__(self, study, trial, storage, trial_id: int, number: int):
         self.study = study
@@ -89,6 +92,11 @@ class TrialReporter:
         self.trial.set_user_attr(PLANNED_ATTR, int(planned_tokens))
         if report_tokens is not None:
             self.trial.set_user_attr(REPORT_TOKENS_ATTR, int(report_tokens))
+
+    def link_run(self, run_id: str) -> None:
+        """The trial's MLflow run id as a user attribute, so that optuna-dashboard
+        (`phitune sweep dashboard`) and the MLflow UI point at each other."""
+        self.trial.set_user_attr(MLFLOW_RUN_ATTR, str(run_id))
 
     def add_tokens(self, n: int) -> None:
         """Count training tokens (written to the trial at each report and at finish)."""
