@@ -17,7 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from phitune.cli import main
-from phitune.sweep.trial_hook import MLFLOW_RUN_ATTR, TrialReporter
+from phitune.sweep.study import MLFLOW_RUN_ATTR
+from phitune.sweep.trial_hook import TrialReporter
 
 
 @pytest.fixture

@@ -30,9 +30,6 @@ from phitune.errors import PhituneError
 PRUNED_AT_ATTR = "phitune.pruned_at"
 
 
-MLFLOW_RUN_ATTR = "mlflow_run_id"
-
-
 class TrialReporter:
     def __init__(self, study, trial, storage, trial_id: int, number: int):
         self.study = study
@@ -94,8 +91,11 @@ class TrialReporter:
             self.trial.set_user_attr(REPORT_TOKENS_ATTR, int(report_tokens))
 
     def link_run(self, run_id: str) -> None:
-        """The trial's MLflow run id as a user attribute, so that optuna-dashboard
-        (`phitune sweep dashboard`) and the MLflow UI point at each other."""
+        """The trial's MLflow run id as a user attribute while it runs (the sweeper writes it
+        again when it tells the result), so that optuna-dashboard (`phitune sweep dashboard`)
+        links a running trial to its MLflow run too."""
+        from phitune.sweep.study import MLFLOW_RUN_ATTR
+
         self.trial.set_user_attr(MLFLOW_RUN_ATTR, str(run_id))
 
     def add_tokens(self, n: int) -> None:
