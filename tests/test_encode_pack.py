@@ -128,11 +128,15 @@ def test_pack_layout():
     a = Encoded([5, 6, 7], [IGNORE_INDEX, 6, 7])
     b = Encoded([8, 9], [8, 9])  # a first token with a label (never trainable): dropped
     out = pack([a, b])
-    assert set(out) == {"input_ids", "labels", "position_ids"}
+    assert set(out) == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                        "max_length_k"}
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert out["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
-    assert all(t.dtype == torch.long for t in out.values())
+    assert all(out[k].dtype == torch.long for k in ("input_ids", "labels", "position_ids"))
+    # the sequence boundaries, once per batch, as flash-attn's varlen kernel takes them
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 5] and out["cu_seq_lens_q"].dtype == torch.int32
+    assert out["cu_seq_lens_k"] is out["cu_seq_lens_q"] and out["max_length_q"] == out["max_length_k"] == 3
     with pytest.raises(ValueError):
         pack([])
     with pytest.raises(ValueError):
