@@ -59,3 +59,16 @@ def test_train_py_with_foundry_and_classification_exits_1_without_traceback(repo
                           f"hydra.run.dir={tmp_path}/h"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "backend=foundry cannot train task=classification" in out.stderr
+
+
+def test_azureml_command_job_carries_the_task_and_validates_labelled_data(repo_root, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(repo_root / "train.py"), "task=classification", "backend=azureml",
+                          "backend.dry_run=true", f"data.train_file={repo_root}/data/tickets_train.jsonl",
+                          "data.validation=auto", f"hydra.run.dir={tmp_path}/h"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = (tmp_path / "outputs/azure/job.yaml").read_text()
+    assert "python train.py task=classification" in job

@@ -74,10 +74,16 @@ def _token_counter(cfg):
 def prepare_data(cfg):
     """Run the local validator on the run's data (DataError when unusable); (splits, counter info)."""
     from phitune.data.dataset import prepare_splits
+    from phitune.tasks import is_classification
 
     counter, counted_with, exact = _token_counter(cfg)
     context = int(cfg.data.get("max_seq_len") or cfg.model.context_length)
-    splits = prepare_splits(cfg.data, token_counter=counter, context_length=context)
+    task = None
+    if is_classification(cfg):  # labelled lines, the classification validator (phitune.classify.data)
+        from phitune.classify.data import ClassificationData
+
+        task = ClassificationData(list(cfg.task.labels) if cfg.task.get("labels") else None)
+    splits = prepare_splits(cfg.data, token_counter=counter, context_length=context, task=task)
     return splits, counter, counted_with, exact, context
 
 
