@@ -201,3 +201,16 @@ def test_compile_without_a_compiler_runs_eagerly_with_a_note(tiny_model_cfg, mon
     assert "train.compile=true: no C++ compiler found; the model runs eagerly" in capsys.readouterr().err
     assert not any(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
                    for layer in model.get_base_model().get_decoder().layers)
+
+
+def test_packed_sdpa_reads_the_rows_boundaries_from_pack_once_per_batch(examples):
+    batch = pack(examples[:3])
+    lengths = [len(e.input_ids) for e in examples[:3]]
+    cu = batch["cu_seq_lens_q"]
+    want = [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    # position_ids=None: the boundaries can only come from cu_seq_lens (no per-layer nonzero())
+    assert attention._bounds(cu, None, sum(lengths)) == want
+    assert attention._LAST[0] is cu  # kept for the next layer of the same batch
+    # a row that is not the packed batch's (e.g. another caller): from its position ids
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    assert attention._bounds(cu, pos, 5) == [0, 3, 5]
