@@ -1,9 +1,9 @@
-"""GPU training throughput on the real Phi-3-mini architecture: phitune (packed) vs TRL's SFTTrainer (padded).
+"""GPU training throughput on the real Phi-3-mini architecture: phitune's shipped path vs TRL's best GPU setting.
 
-    python bench/gpu_phi3_mini.py                  # all 4 peers, 30 steps each (a few minutes on one H100)
+    python bench/gpu_phi3_mini.py                  # 4 peers, 20 steps each (under 6 minutes on one H100/H200)
     python bench/gpu_phi3_mini.py --peers phitune,trl --steps 20
-    python bench/gpu_phi3_mini.py --attn sdpa      # force SDPA (default: flash_attention_2 if flash-attn imports)
-    python bench/gpu_phi3_mini.py --dry-run        # no GPU needed: config, parameter count, the data plan
+    python bench/gpu_phi3_mini.py --attn sdpa      # TRL on SDPA, phitune on packed_sdpa (default: flash-attn if it imports)
+    python bench/gpu_phi3_mini.py --dry-run        # no GPU needed: each peer's settings, parameter and FLOP counts, data plan
     python bench/gpu_phi3_mini.py --smoke          # no GPU needed: every peer end to end on a 2-layer, 256-wide
                                                    # Phi-3 on CPU, 3 steps of 512 tokens (figures meaningless)
 
@@ -21,31 +21,35 @@ rows x examples-per-row examples (default 4 x 4 = 16 examples, 8,192 tokens), lr
 qkv_proj, o_proj, gate_up_proj, down_proj.
 
 Peers (each in its own subprocess, so peak GPU memory is per peer):
-- phitune: phitune.train.loop.fit with device_batch = examples-per-row and
-  grad_accum = rows-per-step; the example order is arranged so that the seeded
-  shuffle of phitune.data.pack.plan_batches puts each row's examples in one pack,
-  so every forward pass is one padding-free 2,048-token row (position_ids restart
-  per example, no attention_mask);
-- phitune-varlen: the same, with the attention replaced by the per-example SDPA
-  prototype of bench/train_throughput.py (what bench/README.md recommends for
-  phitune when flash-attn is not installed);
-- trl: trl.SFTTrainer with its defaults (padded batches, no packing, no
-  padding_free, gradient_checkpointing=True, bf16=True, adamw_torch_fused) on the
-  same pre-tokenized examples (input_ids + labels), per_device_train_batch_size =
-  examples-per-row, gradient_accumulation_steps = rows-per-step;
-- trl-nogc: the same with gradient_checkpointing=False (phitune does not checkpoint),
-  so that the difference is padding vs packing only.
+- phitune: what `python train.py model=phi3-mini-4k` runs on CUDA: phitune.train.loop.fit
+  with its shipped settings: base weights bf16 (model.torch_dtype auto), LoRA adapters and
+  their AdamW state float32 (peft), bf16 autocast (train.mixed_precision auto), the chunked
+  cross-entropy (train.loss_chunk_tokens, its default), attention flash_attention_2 (varlen,
+  fed cu_seq_lens from pack()) when flash-attn is installed, else packed_sdpa; device_batch =
+  examples-per-row and grad_accum = rows-per-step; the example order is arranged so that the
+  seeded shuffle of phitune.data.pack.plan_batches puts each row's examples in one pack, so
+  every forward pass is one padding-free 2,048-token row;
+- phitune-gc: the same with train.gradient_checkpointing=true (phitune.train.memory);
+- trl: trl.SFTTrainer at its best GPU setting: padding_free=True (the examples of a batch in
+  one row, position_ids restarting), flash_attention_2 when flash-attn is installed, bf16,
+  gradient_checkpointing=True as TRL ships it; the same pre-tokenized examples (input_ids +
+  labels), per_device_train_batch_size = examples-per-row, gradient_accumulation_steps =
+  rows-per-step;
+- trl-nogc: the same with gradient_checkpointing=False;
+- trl-padded (not in the default set): TRL's defaults, padded batches, checkpointing on.
 
 Reported per peer: non-padding tokens/s over steps warmup+1..N (clock read after
-torch.cuda.synchronize() at each optimizer step's end), padded tokens/s (what the
-GPU actually computed), MFU = 6 * N_params_total * non-padding tokens/s / peak
-(N_params_total = every parameter of the LoRA-wrapped model, frozen + adapters,
-embeddings included; attention's sequence-length term is not counted; with a
-frozen base the backward skips the weight gradients, so the FLOPs executed are
-nearer 4N than 6N per token: 6N is the customary model-FLOPs convention, used
-here so the figure compares with published MFUs), and peak
-torch.cuda.max_memory_allocated(). --peak-tflops defaults to 989 (H100/H200 SXM
-dense bf16).
+torch.cuda.synchronize() at each optimizer step's end), positions computed per second
+(padding included), peak torch.cuda.max_memory_allocated(), and two MFUs against
+--peak-tflops (989, H100/H200 SXM dense bf16):
+- MFU (LoRA): the FLOPs this training needs per token, counted from the model: forward
+  2 x each frozen linear weight (the lm_head included, the embedding lookup is free) and
+  2 x each adapter weight; backward 2 x each frozen weight (the input gradient only: frozen
+  weights need no weight gradient) and 4 x each adapter weight; attention 12 x layers x
+  hidden x the mean causal context (forward 4, backward 8 per key, over each example's own
+  tokens). About 4N per token instead of 6N. Checkpointing's recomputed forward is not counted
+  (model FLOPs, not hardware FLOPs), so phitune-gc and trl show their cost as a lower MFU;
+- MFU (6N): the usual 6 x all parameters x tokens/s, for comparison with published figures.
 """
 from __future__ import annotations
 
@@ -61,8 +65,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
-ALL_PEERS = ("phitune", "phitune-varlen", "trl", "trl-nogc")
-DEFAULT_PEERS = ALL_PEERS
+ALL_PEERS = ("phitune", "phitune-gc", "trl", "trl-nogc", "trl-padded")
+DEFAULT_PEERS = ("phitune", "phitune-gc", "trl", "trl-nogc")
 
 # microsoft/Phi-3-mini-4k-instruct config.json (transformers Phi3Config), 3,821,079,552 parameters.
 PHI3_MINI_4K = dict(
@@ -172,15 +176,24 @@ class StepClock:
                 "computed_tokens_per_s": (c1 - c0) / (t1 - t0), "padding_fraction": 1 - (k1 - k0) / max(1, c1 - c0)}
 
 
+def _has_flash() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def _attn(args) -> str:
+    """TRL's attention: flash_attention_2 (its padding-free setting needs it) when flash-attn is installed."""
     if args.attn != "auto":
         return args.attn
-    try:
-        import flash_attn  # noqa: F401
+    return "flash_attention_2" if _has_flash() else "sdpa"
 
-        return "flash_attention_2"
-    except ImportError:
-        return "sdpa"
+
+def phitune_attn_setting(args) -> str:
+    """phitune's model.attn_implementation for this run: flash-attn varlen when installed, else packed_sdpa."""
+    if args.attn in ("sdpa", "eager"):
+        return "packed_sdpa" if args.attn == "sdpa" else "eager"
+    return "flash_attention_2" if args.attn == "flash_attention_2" or _has_flash() else "packed_sdpa"
 
 
 SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -217,35 +230,55 @@ def lora_cfg(args) -> dict:
                                        "target_modules": list(LORA_TARGETS)}}
 
 
-def run_phitune(args, examples, clock, varlen: bool = False) -> dict:
+def phitune_settings(args) -> dict:
+    """The shipped train settings (phitune.config.TrainConfig defaults) that this peer runs with."""
+    from phitune.config import TrainConfig
+
+    shipped = TrainConfig()
+    return {"attn_implementation": phitune_attn_setting(args), "mixed_precision": shipped.mixed_precision,
+            "loss_chunk_tokens": shipped.loss_chunk_tokens, "max_device_tokens": shipped.max_device_tokens}
+
+
+def build_phitune_model(args, checkpointing: bool, device: str | None = None):
+    """The base model with phitune's attention, LoRA applied by phitune, checkpointing as train.py sets it."""
+    from phitune.modeling.attention import resolve
+    from phitune.modeling.loader import apply_training_method
+    from phitune.train import memory
+
+    device = device or _device(args)
+    attn = resolve(phitune_attn_setting(args), device)
+    model = apply_training_method(build_base_model(args, device=device, attn=attn), lora_cfg(args), {})
+    if checkpointing:
+        memory.enable_gradient_checkpointing(model)
+    return model, attn
+
+
+def run_phitune(args, examples, clock, checkpointing: bool = False) -> dict:
     import torch
     import transformers
     from omegaconf import OmegaConf
 
     from phitune.config import OptimizerConfig
-    from phitune.modeling.loader import apply_training_method
     from phitune.optim import build_optimizer, build_scheduler
     from phitune.train.distributed import Dist
     from phitune.train.callbacks import Callback
     from phitune.train.loop import LoopSpec, fit
     from phitune.train.schedule import BatchPlan
 
-    attn = None
-    if varlen:  # the per-example SDPA prototype of bench/train_throughput.py (see bench/README.md)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from train_throughput import register_varlen_attention
-
-        attn = register_varlen_attention()
     transformers.set_seed(SEED)
-    model = apply_training_method(build_base_model(args, attn=attn), lora_cfg(args), {})
+    model, attn = build_phitune_model(args, checkpointing)
     model.get_base_model().register_forward_pre_hook(clock.hook, with_kwargs=True)
     opt_cfg = OmegaConf.structured(OptimizerConfig(name="adamw", scheduler="constant", warmup_ratio=0.0))
     plan = BatchPlan(effective_batch=args.examples_per_row * args.rows_per_step, device_batch=args.examples_per_row,
                      grad_accum=args.rows_per_step, world_size=1)
     optimizer = build_optimizer(opt_cfg, model.parameters(), args.lr)
     scheduler = build_scheduler(opt_cfg, optimizer, args.steps)
+    settings = phitune_settings(args)
     spec = LoopSpec(epochs=1, plan=plan, seed=SEED, eval_steps=0, max_steps=args.steps, max_grad_norm=1.0,
-                    full_eval_each_epoch=False, output_dir=None, progress=False)
+                    full_eval_each_epoch=False, output_dir=None, progress=False,
+                    mixed_precision=settings["mixed_precision"], loss_chunk_tokens=settings["loss_chunk_tokens"],
+                    max_device_tokens=settings["max_device_tokens"])
+    adapter_dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
 
     class Tick(Callback):
         def on_step(self, step, metrics):
@@ -256,10 +289,42 @@ def run_phitune(args, examples, clock, varlen: bool = False) -> dict:
     if not args.smoke:
         torch.cuda.reset_peak_memory_stats()
     state = fit(model, optimizer, scheduler, examples, [], spec, Dist(device=torch.device(_device(args))), [Tick()])
-    return {"n_params": n_params, "n_trainable": n_train, "final_loss": state.history[-1]["train_loss"]}
+    return {"n_params": n_params, "n_trainable": n_train, "final_loss": state.history[-1]["train_loss"],
+            "attn": attn, "adapter_dtypes": adapter_dtypes, "gradient_checkpointing": checkpointing,
+            **{k: v for k, v in settings.items() if k != "attn_implementation"}}
 
 
-def run_trl(args, examples, clock, gradient_checkpointing: bool) -> dict:
+def lora_flops_per_token(args, examples) -> float:
+    """Training FLOPs per token of LoRA on this model, counted on a meta-device copy (no memory).
+
+    Frozen linear weights W (lm_head included): 2|W| forward + 2|W| for the input gradient, and
+    no weight gradient; adapters A: 6|A|; attention: 12 x layers x hidden x mean causal context
+    (each example attends to its own earlier tokens only)."""
+    from phitune.modeling.loader import apply_training_method
+
+    model = apply_training_method(build_base_model(args, device="meta", attn="sdpa"), lora_cfg(args), {})
+    frozen = sum(p.numel() for n, p in model.named_parameters()
+                 if not p.requires_grad and p.dim() == 2 and "embed_tokens" not in n)
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = model.get_base_model().config
+    lengths = [len(e) for e in examples]
+    mean_ctx = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+    return 4 * frozen + 6 * adapter + 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_ctx
+
+
+def trl_settings(args, gradient_checkpointing: bool, padding_free: bool, out: str) -> dict:
+    """SFTConfig's arguments for a TRL peer (padding_free: TRL's best GPU setting)."""
+    return dict(output_dir=out, per_device_train_batch_size=args.examples_per_row,
+                gradient_accumulation_steps=args.rows_per_step, max_steps=args.steps, learning_rate=args.lr,
+                lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to="none",
+                save_strategy="no", eval_strategy="no", disable_tqdm=True, padding_free=padding_free,
+                # padding-free rows are not truncated by TRL; the examples are at most --max-len tokens already
+                max_length=None if padding_free else args.max_len,
+                gradient_checkpointing=gradient_checkpointing,
+                **({"use_cpu": True, "bf16": False} if args.smoke else {"bf16": True}))
+
+
+def run_trl(args, examples, clock, gradient_checkpointing: bool, padding_free: bool = True) -> dict:
     import torch
     import transformers
     from datasets import Dataset
@@ -280,12 +345,7 @@ def run_trl(args, examples, clock, gradient_checkpointing: bool) -> dict:
             clock.step_end()
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = SFTConfig(output_dir=out, per_device_train_batch_size=args.examples_per_row,
-                        gradient_accumulation_steps=args.rows_per_step, max_steps=args.steps, learning_rate=args.lr,
-                        lr_scheduler_type="constant", warmup_steps=0, seed=SEED, report_to="none",
-                        save_strategy="no", eval_strategy="no", disable_tqdm=True,
-                        gradient_checkpointing=gradient_checkpointing,
-                        **({"use_cpu": True, "bf16": False} if args.smoke else {}))
+        cfg = SFTConfig(**trl_settings(args, gradient_checkpointing, padding_free, out))
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=peft_config, callbacks=[Tick()])
         base = trainer.model.get_base_model()
@@ -295,7 +355,8 @@ def run_trl(args, examples, clock, gradient_checkpointing: bool) -> dict:
         if not args.smoke:
             torch.cuda.reset_peak_memory_stats()
         out_ = trainer.train()
-    return {"n_params": n_params, "n_trainable": n_train, "final_loss": float(out_.training_loss)}
+    return {"n_params": n_params, "n_trainable": n_train, "final_loss": float(out_.training_loss), "attn": _attn(args),
+            "padding_free": padding_free, "gradient_checkpointing": gradient_checkpointing}
 
 
 def _stub_tokenizer(cls):
@@ -322,16 +383,19 @@ def child(args) -> None:
     examples = make_examples(args)
     clock = StepClock(cuda=not args.smoke)
     t0 = time.perf_counter()
-    if args.peer in ("phitune", "phitune-varlen"):
-        extra = run_phitune(args, examples, clock, varlen=args.peer == "phitune-varlen")
+    if args.peer in ("phitune", "phitune-gc"):
+        extra = run_phitune(args, examples, clock, checkpointing=args.peer == "phitune-gc")
     else:
-        extra = run_trl(args, examples, clock, gradient_checkpointing=args.peer == "trl")
+        extra = run_trl(args, examples, clock, gradient_checkpointing=args.peer in ("trl", "trl-padded"),
+                        padding_free=args.peer != "trl-padded")
     cuda = not args.smoke
-    res = dict(peer=args.peer, attn="varlen sdpa" if args.peer == "phitune-varlen" else _attn(args), wall_s=time.perf_counter() - t0,
+    res = dict(peer=args.peer, wall_s=time.perf_counter() - t0,
                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
                device=torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", **clock.summary(args.warmup), **extra)
-    res["mfu"] = 6 * res["n_params"] * res["tokens_per_s"] / (args.peak_tflops * 1e12)
+    res["mfu_6n"] = 6 * res["n_params"] * res["tokens_per_s"] / (args.peak_tflops * 1e12)
+    res["lora_flops_per_token"] = lora_flops_per_token(args, examples)
+    res["mfu"] = res["lora_flops_per_token"] * res["tokens_per_s"] / (args.peak_tflops * 1e12)
     print(RESULT_TAG + json.dumps(res), flush=True)
 
 
@@ -369,8 +433,24 @@ def dry_run(args) -> None:
           f"{min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})")
     print(f"padded batches of {b} (random grouping) would compute {padded:,} positions: "
           f"{1 - sum(lengths) / padded:.0%} padding")
-    print(f"MFU formula: 6 x {total:,} x tokens/s / {args.peak_tflops:g}e12 "
-          f"(1,000 tokens/s = {6 * total * 1000 / (args.peak_tflops * 1e12):.2%} MFU)")
+    flops = lora_flops_per_token(args, make_examples(args))
+    print(f"MFU (LoRA): {flops / 1e9:.2f} GFLOP per token x tokens/s / {args.peak_tflops:g}e12 "
+          f"(1,000 tokens/s = {flops * 1000 / (args.peak_tflops * 1e12):.2%}); "
+          f"MFU (6N): 6 x {total:,} = {6 * total / 1e9:.2f} GFLOP per token "
+          f"(1,000 tokens/s = {6 * total * 1000 / (args.peak_tflops * 1e12):.2%})")
+    print(f"phitune, phitune-gc: {phitune_settings(args)}, base weights bf16, LoRA float32 "
+          f"(attention here: {phitune_attn_setting(args)}; flash-attn installed: {_has_flash()})")
+    from trl import SFTConfig
+
+    for peer, gc, free in (("trl", True, True), ("trl-nogc", False, True), ("trl-padded", True, False)):
+        kwargs = trl_settings(args, gc, free, "/tmp/unused")
+        try:  # SFTConfig checks bf16 against the machine: on a CPU-only one it refuses bf16=True
+            SFTConfig(**kwargs)
+            note = "SFTConfig accepts it"
+        except (ValueError, ImportError) as exc:
+            note = f"SFTConfig here: {str(exc).splitlines()[0][:90]}"
+        shown = {k: kwargs[k] for k in ("padding_free", "gradient_checkpointing", "bf16")}
+        print(f"{peer}: {shown}, attention {_attn(args)}; {note}")
 
 
 def _run_peer(args, peer: str) -> dict:
@@ -403,32 +483,35 @@ def parent(args) -> None:
     vers = {k: md.version(k) for k in ("torch", "transformers", "trl", "peft")}
     device = "CPU smoke run (2 layers x 256 wide; figures meaningless)" if args.smoke else torch.cuda.get_device_name(0)
     print(f"# {device}; {args.layers} layers; {args.steps} steps ({args.warmup} untimed) x "
-          f"{args.rows_per_step} rows x {args.seq_len} tokens; attention {_attn(args)}; "
+          f"{args.rows_per_step} rows x {args.seq_len} tokens; attention: TRL {_attn(args)}, "
+          f"phitune {phitune_attn_setting(args)}; "
           + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
-    results = []
+    results, started = [], time.perf_counter()
     for p in peers:
         r = _run_peer(args, p)
         results.append(r)
         if "error" in r:
             print(f"  {p}: FAILED ({r['error']})", flush=True)
             continue
-        print(f"  {p:9s} {r['tokens_per_s']:9.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_mem_gib']:.1f} GiB  "
-              f"padding {r['padding_fraction']:.0%}  loss {r['final_loss']:.3f}", flush=True)
+        print(f"  {p:10s} {r['tokens_per_s']:9.0f} tok/s  MFU (LoRA) {r['mfu']:.1%}  (6N) {r['mfu_6n']:.1%}  "
+              f"peak {r['peak_mem_gib']:.1f} GiB  padding {r['padding_fraction']:.0%}  attn {r['attn']}  "
+              f"loss {r['final_loss']:.3f}  ({time.perf_counter() - started:.0f} s so far)", flush=True)
     ok = [r for r in results if "error" not in r]
     ref = next((r["tokens_per_s"] for r in ok if r["peer"] == "phitune"), None)
     print()
-    print("| peer | tokens/s (non-padding) | positions computed/s | padding | MFU (6N) | vs phitune | "
-          "peak GPU mem GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| peer | attention | checkpointing | tokens/s (non-padding) | positions computed/s | padding | "
+          "MFU (LoRA) | MFU (6N) | vs phitune | peak GPU mem GiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in ok:
         vs = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
-        print(f"| {r['peer']} | {r['tokens_per_s']:.0f} | {r['computed_tokens_per_s']:.0f} | "
-              f"{r['padding_fraction']:.0%} | {r['mfu']:.1%} | {vs} | {r['peak_mem_gib']:.1f} |")
+        print(f"| {r['peer']} | {r['attn']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+              f"{r['tokens_per_s']:.0f} | {r['computed_tokens_per_s']:.0f} | {r['padding_fraction']:.0%} | "
+              f"{r['mfu']:.1%} | {r['mfu_6n']:.1%} | {vs} | {r['peak_mem_gib']:.1f} |")
     if ref:
         for r in ok:
             if r["peer"] != "phitune":
                 print(f"phitune / {r['peer']}: {ref / r['tokens_per_s']:.2f}x")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"total {time.perf_counter() - started:.0f} s; date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "versions": vers}, indent=2))
 
@@ -437,8 +520,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS), help=f"of {', '.join(ALL_PEERS)} (default: all)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per peer (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per peer (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing (default: %(default)s)")
     ap.add_argument("--rows-per-step", type=int, default=4,
                     help="packed rows per optimizer step = gradient accumulation (default: %(default)s)")
     ap.add_argument("--examples-per-row", type=int, default=4,
@@ -453,7 +536,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-alpha", type=int, default=16)
     ap.add_argument("--lora-dropout", type=float, default=0.05)
     ap.add_argument("--attn", default="auto", choices=("auto", "sdpa", "flash_attention_2", "eager"),
-                    help="attention implementation for both peers (auto: flash_attention_2 if flash-attn imports)")
+                    help="auto: flash_attention_2 for both if flash-attn imports, else phitune packed_sdpa and TRL sdpa; "
+                         "sdpa: phitune packed_sdpa, TRL sdpa")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                     help="the GPU's dense bf16 peak, TFLOP/s (default: %(default)s, H100/H200 SXM)")
     ap.add_argument("--json", help="also write the raw results here")
