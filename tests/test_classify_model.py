@@ -168,3 +168,23 @@ def test_the_loop_trains_a_classifier_and_resumes_it_to_the_same_weights(tiny_mo
     for (name, a), (_, b) in zip(model.named_parameters(), resumed.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, msg=name)
+
+
+def test_gradient_checkpointing_reaches_the_wrapped_model(tiny_model_cfg, tiny_tokenizer):
+    from phitune.train.memory import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    plain, ckpt = _classifier(tiny_model_cfg, tiny_tokenizer), _classifier(tiny_model_cfg, tiny_tokenizer)
+    ckpt.load_state_dict(plain.state_dict())
+    enable_gradient_checkpointing(ckpt)
+    assert ckpt.model.get_base_model().model.gradient_checkpointing
+    batch = pack(_encoded(tiny_tokenizer))
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        c, _, _ = ClassifyOps(3).forward(m, batch)
+        c.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -44,6 +44,13 @@ class PackedClassifier(torch.nn.Module):
         rows = torch.zeros_like(last) if hidden.size(0) == 1 else torch.arange(hidden.size(0), device=last.device)
         return head(hidden[rows, last])
 
+    # train.gradient_checkpointing (phitune.train.memory): the decoder layers of the wrapped model
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        inner = self.model
+        (getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable)(
+            **{("gradient_checkpointing_kwargs" if not hasattr(inner, "activation_checkpointing_enable") else k): v
+               for k, v in kwargs.items()})
+
     def save_pretrained(self, folder, **kwargs) -> None:
         self.model.save_pretrained(str(folder), **kwargs)
         save_labels(folder, self.labels)
