@@ -207,6 +207,7 @@ def test_epoch_checkpoints_are_candidates(real, capsys, tmp_path):
 
     src = resolve("models:/ckpt@champion", real["uri"], tmp_path / "m")
     assert src.base_ref["name"] == "tiny-phi3" and src.checkpoint == "epoch-001" and src.run_id == rid
+    assert resolve(f"models:/{names['checkpoint-epoch-001']}", real["uri"], tmp_path / "l").run_id == rid
     assert (Path(src.adapter_dir) / "adapter_model.safetensors").is_file()
 
     # best: epoch 2 is the run's final model (same step), and it beats version 1

@@ -245,6 +245,8 @@ def _from_registry(uri: str, client, workdir: Path) -> ModelSource:
             raise PhituneError(f"{uri}: expected {FORMS}")
         folder = download(uri, workdir / "model")
         base, adapter, run_id = read_pyfunc_model(folder, uri)
+        if run_id is None:  # files logged into an epoch's LoggedModel outside its run: its source run
+            run_id = client.get_logged_model(_LOGGED.match(uri)["id"]).source_run_id
         return ModelSource(uri, uri, "logged", base, adapter, folder, run_id=run_id)
     name, mv = found
     pinned = f"models:/{name}/{mv.version}"
