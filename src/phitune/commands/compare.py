@@ -1,7 +1,7 @@
 """`phitune compare`: a leaderboard of runs (an experiment, or one sweep's trials) in the terminal.
 
 Exit 0 with the table (or csv/json on stdout), 1 when the store, experiment or sweep
-does not exist.
+does not exist or no run has the --metric (the metrics they have are listed).
 """
 from __future__ import annotations
 
