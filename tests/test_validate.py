@@ -206,8 +206,9 @@ def test_blank_lines_are_skipped_with_a_warning(tmp_path):
 def test_top_level_keys(tmp_path):
     tools = json.dumps({"messages": json.loads(chat())["messages"], "tools": [], "parallel_tool_calls": False})
     extra = json.dumps({"messages": json.loads(chat("other"))["messages"], "id": 7})
-    report = validate_file(write(tmp_path, good_lines(10) + [tools, extra]))
-    assert report.ok
+    logged = json.dumps({"messages": json.loads(chat("served"))["messages"], "metadata": {"model_version": "3"}})
+    report = validate_file(write(tmp_path, good_lines(10) + [tools, extra, logged]))
+    assert report.ok  # a request log's provenance ("metadata") is no warning on every line
     assert warnings_of(report) == [(12, 'unknown top-level key "id" (ignored; expected "messages")')]
 
 

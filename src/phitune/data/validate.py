@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "name", "weight")
-# Top-level keys OpenAI's fine-tuning accepts besides "messages"; phitune ignores them.
-EXTRA_TOP_KEYS = ("tools", "functions", "parallel_tool_calls")
+# Top-level keys accepted besides "messages", ignored in training: OpenAI's fine-tuning
+# keys, and "metadata", where `phitune serve --log-requests` records each exchange's provenance.
+EXTRA_TOP_KEYS = ("tools", "functions", "parallel_tool_calls", "metadata")
 MIN_EXAMPLES = 10  # Azure AI Foundry refuses a training file with fewer examples
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")

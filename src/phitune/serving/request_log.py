@@ -4,7 +4,7 @@
      "metadata": {"id", "created", "model", "model_version", "model_uri", "finish_reason", "usage", "content"}}
 
 The lines are the chat format `phitune data validate` reads and `data.train_file=`
-trains on (validate notes the extra "metadata" key; training ignores it). Content is
+trains on (validate accepts the "metadata" key; training ignores it). Content is
 redacted by default (each text becomes `[redacted: N characters]`, the turn structure,
 roles and usage stay): prompts may hold personal data, so keeping them is an explicit
 choice (`--log-request-content`). Only answers that finished (stop or length) are
