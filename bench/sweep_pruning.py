@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ PRUNERS = {
                    "hydra.sweeper.pruner.n_startup_trials=3", "hydra.sweeper.pruner.warmup=0.1"],
     "successive_halving": ["hydra.sweeper.pruner.name=successive_halving", "hydra.sweeper.pruner.reduction_factor=3"],
     "hyperband": ["hydra.sweeper.pruner.name=hyperband", "hydra.sweeper.pruner.reduction_factor=3"],
+    # Successive halving from 0.9 epoch on (sweeps/default.yaml): rungs at 0.9 and 2.7 epochs.
+    "sh_late": ["hydra.sweeper.pruner.name=successive_halving", "hydra.sweeper.pruner.reduction_factor=3",
+                "hydra.sweeper.pruner.report_every=0.9"],
     "wilcoxon": ["hydra.sweeper.pruner.name=wilcoxon", "hydra.sweeper.pruner.p_threshold=0.1",
                  "hydra.sweeper.pruner.warmup=0.1"],
 }
@@ -65,7 +69,9 @@ def subset(n: int, folder: Path) -> Path:
 
 
 def sweep(work: Path, label: str, seed: int, args, train_file: Path) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():  # a sweep cut short (no result.json): start it again, or its CPU seconds would miss a part
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     storage = f"sqlite:///{work}/optuna.db"
     cmd = [sys.executable, str(REPO / "train.py"), "-m",
            f"hydra.sweeper.storage={storage}", f"tracking.uri=sqlite:///{work}/mlruns/mlflow.db",
