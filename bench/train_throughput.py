@@ -433,9 +433,11 @@ def _phitune_overrides(args, work: Path, tag: str, evaluate_at_end: bool) -> lis
 
 
 # Where phitune's fixed cost goes: these functions are timed (inclusive; nested ones overlap).
-PHASES = (("phitune.train.loop", "fit"), ("phitune.recipe", "_setup_data"), ("phitune.recipe", "_setup_training"),
-          ("phitune.tracking.run", "setup_tracking"), ("phitune.recipe", "_finalise"), ("phitune.recipe", "_log_model"),
-          ("phitune.evaluation.run", "evaluate_run"))
+PHASES = (("phitune.recipe", "run"), ("phitune.recipe", "_quiet_libraries"), ("phitune.recipe", "_setup_data"),
+          ("phitune.recipe", "_setup_training"), ("phitune.recipe", "_tracked_fit"),
+          ("phitune.tracking.run", "setup_tracking"), ("phitune.recipe", "_log_datasets"), ("phitune.train.loop", "fit"),
+          ("phitune.recipe", "_finalise"), ("phitune.recipe", "_log_model"), ("phitune.evaluation.run", "evaluate_run"),
+          ("phitune.recipe", "_closing_block"))
 
 
 def job_phitune(args, work: Path, tag: str, evaluate_at_end: bool) -> dict:
@@ -457,6 +459,8 @@ def job_phitune(args, work: Path, tag: str, evaluate_at_end: bool) -> dict:
 
     # Imported here rather than by train.py a moment later (torch, mlflow: they would be anyway).
     for mod_name, attr in PHASES:
+        if mod_name == "phitune.evaluation.run" and not evaluate_at_end:
+            continue  # train.py does not import it then
         mod = importlib.import_module(mod_name)
         setattr(mod, attr, timed(attr, getattr(mod, attr)))
     from phitune.train.callbacks import Callback
@@ -483,6 +487,7 @@ def job_phitune(args, work: Path, tag: str, evaluate_at_end: bool) -> dict:
     except SystemExit as exc:
         if exc.code:
             raise
+    spent["train_py_total"] = time.perf_counter() - t_start - spent["imports_before_train_py"]
     return {"loop_s": spent.get("fit", 0.0), "phases": spent, **clock.summary(args.warmup)}
 
 
@@ -558,6 +563,7 @@ def job_trainer(args, work: Path, tag: str) -> dict:
 
 
 def job_child(args) -> None:
+    t0 = time.perf_counter()
     work, tag = Path(args.workdir), f"{args.job}-{args.tag}"
     if args.job in ("phitune", "phitune-default"):
         res = job_phitune(args, work, tag, evaluate_at_end=args.job == "phitune-default")
@@ -565,7 +571,13 @@ def job_child(args) -> None:
         res = job_trl(args, work, tag, packing=args.job == "trl-packing")
     else:
         res = job_trainer(args, work, tag)
-    print(RESULT_TAG + json.dumps(dict(res, job=args.job)), flush=True)
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)  # also in the log, should the parent be stopped
+    # the parent's wall minus job_s: interpreter start-up and exit (process teardown)
+    print(RESULT_TAG + json.dumps(dict(res, job=args.job, job_s=time.perf_counter() - t0,
+                                       self_cpu_s=me.ru_utime + me.ru_stime, self_maxrss_mib=me.ru_maxrss / 1024)),
+          flush=True)
 
 
 def _run_job(args, job: str, work: Path, tag: str) -> dict:
@@ -590,7 +602,7 @@ def _run_job(args, job: str, work: Path, tag: str) -> dict:
         raise SystemExit(f"job {job} failed (exit {proc.returncode}); log: {log}")
     res = json.loads(lines[-1][len(RESULT_TAG):])
     return dict(res, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mib=usage.ru_maxrss / 1024,
-                fixed_s=wall - res["loop_s"])
+                fixed_s=wall - res["loop_s"], startup_and_exit_s=wall - res["job_s"])
 
 
 def whole(args) -> None:
@@ -618,8 +630,11 @@ def whole(args) -> None:
             print(f"  repeat {r + 1} {j:16s} wall {res['wall_s']:6.1f} s  CPU {res['cpu_s']:6.1f} s  "
                   f"loop {res['loop_s']:6.1f} s  fixed {res['fixed_s']:5.1f} s  peak RSS {res['peak_rss_mib']:6.0f} MiB  "
                   f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"      interpreter start-up + exit {res['startup_and_exit_s']:.1f} s", flush=True) if not res.get(
+                "phases") else None
             if res.get("phases"):
-                print("      phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()), flush=True)
+                print("      phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items())
+                      + f"; interpreter start-up + exit {res['startup_and_exit_s']:.1f}", flush=True)
     keys = ("wall_s", "cpu_s", "loop_s", "fixed_s", "tokens_per_s", "tokens_per_cpu_s")
     med = {j: {k: statistics.median(x[k] for x in runs[j]) for k in keys} for j in jobs}
     rss = {j: max(x["peak_rss_mib"] for x in runs[j]) for j in jobs}
