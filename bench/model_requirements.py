@@ -1,6 +1,6 @@
 """Logging phitune's chat model: explicit requirements vs MLflow's inferred ones (seconds).
 
-    python bench/model_requirements.py              # 3 repeats of each, alternated (~3 min here)
+    python bench/model_requirements.py              # 3 repeats of each, alternated
     python bench/model_requirements.py --repeats 1
 
 Both peers log the same model (the builtin tiny Phi-3 with an untrained LoRA adapter of
@@ -54,9 +54,9 @@ def _log_once(tmp: Path, cfg, adapter: Path, explicit: bool) -> tuple[float, lis
             t0 = time.perf_counter()
             info = pyfunc_model.log_chat_model(ref, adapter)
             seconds = time.perf_counter() - t0
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info.model_id}/requirements.txt",
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{info.model_id}",
                                                     dst_path=str(tempfile.mkdtemp(dir=tmp)))
-        return seconds, Path(local).read_text().split()
+        return seconds, (Path(local) / "requirements.txt").read_text().split()
     finally:
         pyfunc_model.requirements = explicit_requirements
 
