@@ -136,12 +136,23 @@ def test_model_uris_resolve_to_base_and_adapter(real, tmp_path):
 
     client = MlflowClient(real["uri"], registry_uri=real["uri"])
     client.create_registered_model("eval-uri")
-    model_id = real["run"].outputs.model_outputs[0].model_id
+    # the run's servable model (its kept epochs are file-less LoggedModels beside it)
+    model_id = next(o.model_id for o in real["run"].outputs.model_outputs
+                    if client.get_logged_model(o.model_id).name == "model")
     client.create_model_version("eval-uri", f"models:/{model_id}", run_id=rid, model_id=model_id)
     client.set_registered_model_alias("eval-uri", "champion", "1")
     reg = resolve_model("models:/eval-uri@champion", tmp_path / "d")
     assert (reg.kind, reg.model_name, reg.model_version, reg.run_id) == ("registered", "eval-uri", "1", rid)
     assert reg.resolved_uri == "models:/eval-uri/1"  # the alias pinned once, before the download
+    # a kept epoch registered from MLflow's Models tab (a LoggedModel with no files): its checkpoint
+    epoch = next(o.model_id for o in real["run"].outputs.model_outputs
+                 if client.get_logged_model(o.model_id).name == "checkpoint-epoch-001")
+    client.create_model_version("eval-uri", f"models:/{epoch}", run_id=rid, model_id=epoch)
+    for uri, workdir in ((f"models:/{epoch}", "g"), ("models:/eval-uri/2", "h")):
+        src = resolve_model(uri, tmp_path / workdir)
+        assert src.checkpoint == "epoch-001" and src.run_id == rid and src.base_ref["builtin"] == "tiny-phi3"
+        assert (Path(src.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert (src.kind, src.model_name, src.model_version) == ("registered", "eval-uri", "2")
 
     from phitune.errors import PhituneError
 

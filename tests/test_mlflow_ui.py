@@ -102,8 +102,8 @@ def _free_port() -> int:
 
 
 def _tiny_sweep(tmp_path: Path, stores) -> subprocess.CompletedProcess:
-    """Four tiny trials; the median pruner (from the second trial on, at any step) prunes one
-    whose first valid_loss is worse than the median of the complete trials'."""
+    """Four tiny trials reporting every tenth of an epoch; the median pruner (from the second
+    trial on, at any point) prunes one whose loss is worse than the median of the complete trials'."""
     lines = (REPO / "data/support_train.jsonl").read_text(encoding="utf-8-sig").splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(lines[:16]) + "\n", encoding="utf-8")
     lines = (REPO / "data/support_valid.jsonl").read_text(encoding="utf-8-sig").splitlines()
@@ -115,7 +115,9 @@ def _tiny_sweep(tmp_path: Path, stores) -> subprocess.CompletedProcess:
            f"data.validation_file={tmp_path}/valid.jsonl", "hydra.sweeper.n_trials=4",
            "hydra.sweeper.sampler.name=random", "hydra.sweeper.sampler.seed=3",
            "hydra.sweeper.pruner.name=median", "hydra.sweeper.pruner.n_startup_trials=1",
-           "hydra.sweeper.pruner.n_warmup_steps=0", "train.learning_rate_multiplier=tag(log, interval(0.05, 20.0))",
+           "hydra.sweeper.pruner.n_warmup_steps=0", "hydra.sweeper.pruner.report_every=0.1",  # of an epoch
+           "train.batch_size_multiplier=1",  # 8 of the 16 examples a step: each trial reports after its first
+           "train.learning_rate_multiplier=tag(log, interval(0.05, 20.0))",
            "train.epochs=1", "train.max_steps=3", "train.eval_steps=1", "train.progress=false",
            "train.evaluate_at_end=false", "tracking.log_model=false"]
     return run(cmd, timeout=900, cwd=tmp_path)

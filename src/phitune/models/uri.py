@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -244,6 +244,8 @@ def _from_registry(uri: str, client, workdir: Path) -> ModelSource:
         if not _LOGGED.match(uri):
             raise PhituneError(f"{uri}: expected {FORMS}")
         folder = download(uri, workdir / "model")
+        if files := _checkpoint_files(folder, client, _LOGGED.match(uri)["id"]):
+            return _from_run(files, client, workdir)
         base, adapter, run_id = read_pyfunc_model(folder, uri)
         if run_id is None:  # files logged into an epoch's LoggedModel outside its run: its source run
             run_id = client.get_logged_model(_LOGGED.match(uri)["id"]).source_run_id
@@ -251,10 +253,29 @@ def _from_registry(uri: str, client, workdir: Path) -> ModelSource:
     name, mv = found
     pinned = f"models:/{name}/{mv.version}"
     folder = download(pinned, workdir / "model")
+    logged = _LOGGED.match(mv.source or "")  # the version's LoggedModel, models:/<model_id>
+    if files := _checkpoint_files(folder, client, getattr(mv, "model_id", None) or (logged and logged["id"])):
+        src = _from_run(files, client, workdir)
+        return replace(src, uri=uri, resolved_uri=pinned, kind="registered", model_name=name,
+                                   model_version=str(mv.version))
     base, adapter, run_id = read_pyfunc_model(folder, uri)
     return ModelSource(uri, pinned, "registered", base, adapter, folder, run_id=mv.run_id or run_id,
                        model_name=name, model_version=str(mv.version),
                        checkpoint=(mv.tags or {}).get("phitune.checkpoint"))
+
+
+def _checkpoint_files(folder: Path, client, model_id: Optional[str]) -> Optional[str]:
+    """runs:/RUN/checkpoints/epoch-NNN when `folder` (a downloaded LoggedModel) holds no model
+    and the LoggedModel is a kept epoch's (tag phitune.files): MLflow's Models tab lists those
+    and lets a user register one before `phitune promote --checkpoint N` gives it files."""
+    if (folder / "MLmodel").is_file() or not model_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return (client.get_logged_model(model_id).tags or {}).get("phitune.files")
+    except MlflowException:
+        return None
 
 
 def _registered_from_run(client, run_id: str) -> tuple:
