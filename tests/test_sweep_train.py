@@ -22,7 +22,7 @@ def test_three_trial_train_sweep_leaves_one_parent_and_three_children(tmp_path, 
            f"hydra.sweeper.storage={s.optuna_url}", f"tracking.uri={s.mlflow_url}", f"hydra.sweep.dir={tmp_path}/multirun",
            f"data.train_file={train}", f"data.validation_file={valid}",
            "hydra.sweeper.n_trials=3", "hydra.sweeper.plots=false", "hydra.sweeper.pruner.name=none",
-           "hydra.sweeper.pruner.report_every=0.1", "train.batch_size_multiplier=1",  # a report before the last step
+           "hydra.sweeper.pruner.report_every=0.1",  # of an epoch: a report before the last step
            "train.max_steps=2", "train.eval_steps=1", "train.progress=false", "tracking.log_model=false"]
     res = run(cmd, timeout=600, cwd=tmp_path)  # cwd: checkpoints/ land in tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
