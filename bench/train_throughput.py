@@ -524,12 +524,17 @@ def job_trl(args, work: Path, tag: str, packing: bool) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["validation"],
                          processing_class=tokenizer, peft_config=_lora_config(), callbacks=[_TrainerTick(clock)])
     clock.attach(trainer.model.get_base_model())
+    return _timed_fit(trainer, clock, out, args.warmup)
+
+
+def _timed_fit(trainer, clock, out: str, warmup: int) -> dict:
+    """Train, evaluate and save an HF/TRL trainer; the loop's wall seconds and the clock's rates."""
     t0 = time.perf_counter()
     clock.start()
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(out)
-    return {"loop_s": time.perf_counter() - t0, "eval_loss": metrics["eval_loss"], **clock.summary(args.warmup)}
+    return {"loop_s": time.perf_counter() - t0, "eval_loss": metrics["eval_loss"], **clock.summary(warmup)}
 
 
 def job_trainer(args, work: Path, tag: str) -> dict:
@@ -554,12 +559,7 @@ def job_trainer(args, work: Path, tag: str) -> dict:
                                                           remove_unused_columns=False),
                       train_dataset=train, eval_dataset=valid, data_collator=lambda b: pad(b, tokenizer.pad_token_id),
                       callbacks=[_TrainerTick(clock)])
-    t0 = time.perf_counter()
-    clock.start()
-    trainer.train()
-    metrics = trainer.evaluate()
-    trainer.save_model(out)
-    return {"loop_s": time.perf_counter() - t0, "eval_loss": metrics["eval_loss"], **clock.summary(args.warmup)}
+    return _timed_fit(trainer, clock, out, args.warmup)
 
 
 def job_child(args) -> None:

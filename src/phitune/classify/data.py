@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from typing import Any, Optional
 
-from phitune.data.validate import (UTF8_BOM, Problem, _decode, _json_type, check_messages, validate_file)
+from phitune.data.validate import Problem, _json_type, check_messages, iter_json_lines, validate_file
 
 KEYS = ("messages", "text", "label")
 MIN_PER_CLASS = 5  # examples; fewer and the class is barely learnt
@@ -109,20 +109,10 @@ def validate_classification_file(path, known: Optional[list] = None, known_from:
 def iter_labelled(path):
     """(line, messages, label) of each valid line; for a file the validator accepted."""
     check = LabelCheck()
-    with open(str(path), "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(UTF8_BOM):
-                raw = raw[len(UTF8_BOM):]
-            try:
-                text, _ = _decode(raw)
-                if not text.strip():
-                    continue
-                obj = json.loads(text)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                continue
-            errors, _, messages = check(obj, lineno)
-            if not errors:
-                yield lineno, messages, obj["label"]
+    for lineno, obj in iter_json_lines(path):
+        errors, _, messages = check(obj, lineno)
+        if not errors:
+            yield lineno, messages, obj["label"]
 
 
 class ClassificationData:

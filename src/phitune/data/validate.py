@@ -371,11 +371,9 @@ def validate_file(
     return report
 
 
-def iter_valid_examples(path) -> Iterator["tuple[int, list[dict]]"]:
-    """(line number, messages) of each valid example, streamed; invalid lines are skipped.
-
-    Meant for a file that validate_file already accepted; raises OSError if it is unreadable.
-    """
+def iter_json_lines(path) -> Iterator["tuple[int, Any]"]:
+    """(line number, parsed object) of each non-blank JSON line, streamed; undecodable lines
+    are skipped. Meant for a file a validator already accepted; raises OSError if unreadable."""
     with open(str(path), "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if lineno == 1 and raw.startswith(UTF8_BOM):
@@ -384,9 +382,14 @@ def iter_valid_examples(path) -> Iterator["tuple[int, list[dict]]"]:
                 text, _ = _decode(raw)
                 if not text.strip():
                     continue
-                obj = json.loads(text)
+                yield lineno, json.loads(text)
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 continue
-            errors, _ = check_example(obj)
-            if not errors:
-                yield lineno, obj["messages"]
+
+
+def iter_valid_examples(path) -> Iterator["tuple[int, list[dict]]"]:
+    """(line number, messages) of each valid example, streamed; invalid lines are skipped."""
+    for lineno, obj in iter_json_lines(path):
+        errors, _ = check_example(obj)
+        if not errors:
+            yield lineno, obj["messages"]
