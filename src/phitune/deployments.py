@@ -12,6 +12,13 @@ server recorded on another host cannot be checked from here and still counts.
 Record keys: id, model_name, model_version, model_uri, target ("local"|"azureml"),
 url, pid (local), endpoint_name / deployment_name (azureml), created_at (ISO 8601
 UTC), state ("active"|"deleted"), plus deleted_at once undeployed.
+
+A server of several models (`phitune serve URI URI...`, `--registered NAME`) also
+keeps `models`: one entry per loaded version ({model_name, model_version, model_uri,
+resolved_uri, run_id, served_model}); the top-level model fields are its first one.
+`phitune serve --follow` rewrites that list as aliases move (`update_models`): a
+version is listed from before it is downloaded until after it is unloaded, so the
+registry's delete guard covers every version the server holds.
 """
 from __future__ import annotations
 
@@ -50,6 +57,31 @@ def record_deployment(model_uri: str, model_name: str | None, model_version: str
               **extra}
     _write(folder / f"{record['id']}.json", record)
     return record
+
+
+def update_models(dep_id: str, models: list[dict], tracking_uri: str | None = None) -> dict | None:
+    """Replace a record's `models` (and its top-level model fields, from the first); None,
+    and nothing written, when the record is gone or undeployed (undeploy wins)."""
+    path = deployments_dir(tracking_uri) / f"{dep_id}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("state") != "active" or not models:
+        return None
+    first = models[0]
+    record.update(models=models, model_name=first.get("model_name"), model_version=first.get("model_version"),
+                  resolved_uri=first.get("resolved_uri"), run_id=first.get("run_id"))
+    _write(path, record)
+    return record
+
+
+def serves(record: dict, model_name: str, version: str | None = None) -> bool:
+    """Whether a record holds `model_name` (any version, or `version`): its `models` list
+    when it has one, else its top-level fields."""
+    held = record.get("models") or [record]
+    return any(m.get("model_name") == model_name and (version is None or str(m.get("model_version")) == str(version))
+               for m in held)
 
 
 def _alive(pid) -> bool:
@@ -119,6 +151,4 @@ def mark_deleted(dep_id: str, tracking_uri: str | None = None) -> dict:
 def active_for(model_name: str, version: str | None = None, tracking_uri: str | None = None) -> list[dict]:
     """Deployments that keep `model_name` (or one version of it) from being deleted: Azure
     ones until undeployed, local ones while their server runs."""
-    return [r for r in list_deployments(tracking_uri)
-            if r.get("model_name") == model_name and (version is None or str(r.get("model_version")) == str(version))
-            and r.get("running", True)]
+    return [r for r in list_deployments(tracking_uri) if serves(r, model_name, version) and r.get("running", True)]

@@ -6,10 +6,18 @@ and identical in `generate` and `stream`.
 
 Not thread-safe: one ChatGenerator runs one generation at a time (a server
 should serialise calls, e.g. with a lock or a single worker).
+
+Several LoRA adapters on one base (`phitune serve URI URI...`): the model is one peft
+model holding each adapter under a name; `stream(..., adapter=NAME)` activates that
+adapter before its first forward pass. `self.lock` is held for the whole of a
+generation and while an adapter is added or removed, so a model swapped in by
+`phitune serve --follow` changes between two generations, never during one (a decoder
+that runs the model itself, such as a batched one, holds it around its forward passes).
 """
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -71,23 +79,52 @@ class ChatGenerator:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.last_result: dict | None = None
         self.last_finish_reason: str | None = None
+        # A plain Lock, not an RLock: a generation abandoned half-way is closed (and its
+        # lock released) by whichever thread drops the last reference to it.
+        self.lock = threading.Lock()
+
+    # -- named peft adapters (one base, several fine-tunes) ------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the peft adapters loaded in the model ([] for a plain model)."""
+        return list(getattr(self.model, "peft_config", None) or {})
+
+    def add_adapter(self, name: str, adapter_dir: str) -> None:
+        """Load a peft adapter folder under `name` next to the others (not activated)."""
+        if not hasattr(self.model, "load_adapter") or not self.adapters:
+            raise PhituneError(f"{adapter_dir}: this model holds no peft adapter, so another cannot join it")
+        with self.lock:
+            self.model.load_adapter(str(adapter_dir), adapter_name=name)  # frozen, in eval mode
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self.model.delete_adapter(name)
+
+    def _activate(self, adapter: str | None) -> None:
+        """Make `adapter` the active one (None: leave the model as it is). Called with the lock held."""
+        if adapter is None or getattr(self.model, "active_adapter", None) == adapter:
+            return
+        if adapter not in self.adapters:
+            raise PhituneError(f"no adapter {adapter!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        self.model.set_adapter(adapter, inference_mode=True)
 
     def prompt_ids(self, messages) -> list[int]:
         """Token ids of the chat-template prompt, content read as text (phitune.chat)."""
         return generation_prompt_ids(self.tokenizer, messages)
 
     def generate(self, messages, max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: list[str] | None = None, seed: int | None = None) -> dict:
-        for _ in self.stream(messages, max_tokens, temperature, top_p, stop, seed):
+                 stop: list[str] | None = None, seed: int | None = None, adapter: str | None = None) -> dict:
+        for _ in self.stream(messages, max_tokens, temperature, top_p, stop, seed, adapter=adapter):
             pass
         return dict(self.last_result)
 
     def stream(self, messages, max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-               stop: list[str] | None = None, seed: int | None = None) -> Iterator[str]:
+               stop: list[str] | None = None, seed: int | None = None, adapter: str | None = None) -> Iterator[str]:
+        """adapter: the peft adapter to answer with (serving's GenParams.adapter); None: the active one."""
         # Not a generator itself: bad arguments and a too-long prompt raise PhituneError
         # here, when the stream is created, before a server has sent any byte.
         prompt = self._check(messages, max_tokens, temperature, top_p)
-        return self._run(prompt, max_tokens, float(temperature), float(top_p), list(stop or []), seed)
+        return self._run(prompt, max_tokens, float(temperature), float(top_p), list(stop or []), seed, adapter)
 
     def _check(self, messages, max_tokens, temperature, top_p) -> list[int]:
         if not messages:
@@ -128,7 +165,13 @@ class ChatGenerator:
         return int(torch.multinomial(probs, 1, generator=gen))
 
     def _run(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
-             stops: list[str], seed: int | None) -> Iterator[str]:
+             stops: list[str], seed: int | None, adapter: str | None = None) -> Iterator[str]:
+        with self.lock:  # taken at the first next(): on the thread that generates
+            self._activate(adapter)
+            yield from self._decode(prompt, max_tokens, temperature, top_p, stops, seed)
+
+    def _decode(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float,
+                stops: list[str], seed: int | None) -> Iterator[str]:
         self.last_result, self.last_finish_reason = None, None
         budget = min(int(max_tokens), self.context_length - len(prompt))
         gen = torch.Generator(device="cpu")

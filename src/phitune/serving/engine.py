@@ -1,10 +1,13 @@
-"""One generation at a time, a bounded queue in front of it, and a deadline per request.
+"""Batched generation, a bounded queue in front of it, and a deadline per request.
 
-A CPU (or one GPU) runs one generation well and several badly, and ChatGenerator
-is not thread-safe, so a single worker thread runs the jobs in arrival order. At
-most `max_queue` requests wait behind the running one; one more is refused at once
-(429) instead of piling up. Each job carries a deadline (the request timeout,
-counted from arrival): a job still queued at its deadline is dropped, a running one
+ChatGenerator is not thread-safe, so a single worker thread owns the model. With
+`max_batch` > 1 it decodes up to that many requests together (phitune.serving.batch):
+each step is one forward over every active sequence; queued requests join between
+steps and finished ones leave, so a short answer never waits for a long one. With
+`max_batch` 1 (or a generator that cannot batch) it runs one generation at a time,
+in arrival order, through ChatGenerator.stream. At most `max_queue` requests wait
+behind the decoding ones; one more is refused at once (429) instead of piling up.
+Each job carries a deadline (the request timeout, counted from arrival): a job still queued at its deadline is dropped, a running one
 stops at the next token, and the client gets a timeout error. A job whose client
 went away is cancelled the same way, so nobody's tokens are generated for nothing.
 
@@ -40,6 +43,8 @@ class GenParams:
     stop: list
     seed: int | None
     stream: bool = True  # False: no ("delta", ...) events, only the result (one wake-up per request, not per token)
+    adapter: str | None = None  # a peft adapter's name (multi-adapter serving); None: the model as loaded
+    adapter: str | None = None  # the peft adapter name for the request (phitune.serving.models); None: the active one
 
 
 class Job:
@@ -74,26 +79,35 @@ class Job:
 
 class Engine:
     def __init__(self, generator, max_queue: int = 16, timeout_s: float = 120.0, default_max_tokens: int = 256,
-                 on_batch=None):
+                 on_batch=None, max_batch: int = 1):
         self.generator = generator
-        self.on_batch = on_batch  # called with the number of sequences decoded together (here 1) as a job starts
+        self.on_batch = on_batch  # called with the number of sequences decoded together as a job starts decoding
         self.max_queue = int(max_queue)
+        # A stand-in generator (tests' gated wrapper, a classifier's) has no model to batch over.
+        self.max_batch = max(1, int(max_batch)) if hasattr(generator, "model") else 1
         self.timeout_s = float(timeout_s)
         self.default_max_tokens = int(default_max_tokens)
-        self._pending = 0  # queued + running
+        self._pending = 0  # queued + decoding
         self._lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self.served = 0
-        self._thread = threading.Thread(target=self._work, name="phitune-generate", daemon=True)
+        self.largest_batch = 0  # most sequences decoded in one forward so far
+        work = self._work if self.max_batch == 1 else self._work_batched
+        self._thread = threading.Thread(target=work, name="phitune-generate", daemon=True)
         self._thread.start()
 
     @property
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def capacity(self) -> int:
+        """Requests queued or decoding before a 429: the decoding batch + max_queue waiting."""
+        return self.max_queue + self.max_batch
+
     def submit(self, params: GenParams, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         with self._lock:
-            if self._pending >= self.max_queue + 1:  # the running job + max_queue waiting
+            if self._pending >= self.capacity:
                 raise QueueFull
             self._pending += 1
         job = Job(self, params, time.monotonic() + self.timeout_s, loop or asyncio.get_running_loop())
@@ -110,6 +124,11 @@ class Engine:
         self._jobs.put(None)
         self._thread.join(timeout)
 
+    def _observe(self, n: int) -> None:
+        self.largest_batch = max(self.largest_batch, n)
+        if self.on_batch is not None:
+            self.on_batch(n)
+
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
@@ -120,36 +139,43 @@ class Engine:
                     self._run(job)
             except Exception:  # a bug, not bad input: log it, answer 500 in JSON, keep serving
                 log.exception("generation failed")
-                job.emit("error", APIError(500, "internal error while generating; see the server log", "server_error",
-                                           None, "internal_error"))
+                job.emit("error", _internal_error())
             finally:
                 self._release(job)
 
-    def _run(self, job: Job) -> None:
+    def _prompt(self, job: Job) -> list[int] | None:
+        """The job's prompt ids, or None once its error (400) or timeout has been sent."""
         g, p = self.generator, job.params
         if time.monotonic() >= job.deadline:
             job.emit("timeout")
-            return
+            return None
         try:
-            n_prompt = len(g.prompt_ids(p.messages))
+            prompt = g.prompt_ids(p.messages)
         except Exception as exc:  # the chat template may reject an order of roles
             job.emit("error", APIError(400, f"cannot apply the model's chat template to these messages: {exc}",
                                        param="messages", code="invalid_messages"))
-            return
-        if n_prompt >= g.context_length:
+            return None
+        if len(prompt) >= g.context_length:
             job.emit("error", APIError(
                 400, f"This model's maximum context length is {g.context_length} tokens. However, your messages "
-                     f"resulted in {n_prompt} tokens. Please reduce the length of the messages.",
+                     f"resulted in {len(prompt)} tokens. Please reduce the length of the messages.",
                 param="messages", code="context_length_exceeded"))
+            return None
+        return prompt
+
+    def _run(self, job: Job) -> None:
+        g, p = self.generator, job.params
+        prompt = self._prompt(job)
+        if prompt is None:
             return
+        n_prompt = len(prompt)
         try:
             tokens = g.stream(p.messages, p.max_tokens or self.default_max_tokens, p.temperature, p.top_p, p.stop, p.seed)
         except PhituneError as exc:
             job.emit("error", APIError(400, str(exc), param=None, code="invalid_value"))
             return
         job.emit("start", n_prompt)
-        if self.on_batch is not None:
-            self.on_batch(1)
+        self._observe(1)
         for delta in tokens:
             if job.first_token_at is None:
                 job.first_token_at = time.monotonic()
@@ -166,3 +192,101 @@ class Engine:
             job.first_token_at = time.monotonic()
         self.served += 1
         job.emit("done", dict(g.last_result))
+
+    # -- batched (max_batch > 1) ----------------------------------------------------------
+    def _work_batched(self) -> None:
+        from phitune.serving.batch import BatchDecoder
+
+        decoder, jobs = BatchDecoder(self.generator), {}  # id(Sequence) -> Job
+        while True:
+            if not self._admit(decoder, jobs):
+                return
+            if not decoder.rows:
+                continue
+            self.largest_batch = max(self.largest_batch, len(decoder))
+            try:
+                stepped = decoder.step()
+            except Exception:  # a bug: every job of this batch gets a 500, the server keeps serving
+                log.exception("batched generation failed")
+                for seq in decoder.rows:
+                    self._end(jobs.pop(id(seq)), "error", _internal_error())
+                decoder.clear()
+                continue
+            gone = [seq for seq, delta in stepped if not self._advance(jobs[id(seq)], seq, delta)]
+            decoder.leave(gone)
+            for seq in gone:
+                del jobs[id(seq)]
+
+    def _admit(self, decoder, jobs: dict) -> bool:
+        """Take queued jobs into the batch until it is full or the queue is empty (waiting for one when the
+        batch is empty). False when the engine is closing."""
+        while len(decoder) < self.max_batch:
+            try:
+                job = self._jobs.get(block=not decoder.rows)
+            except queue.Empty:
+                return True
+            if job is None:
+                for seq in decoder.rows:
+                    self._release(jobs.pop(id(seq)))
+                return False
+            try:
+                self._join(decoder, jobs, job)
+            except Exception:
+                log.exception("generation failed")
+                self._end(job, "error", _internal_error())
+        return True
+
+    def _join(self, decoder, jobs: dict, job: Job) -> None:
+        from phitune.serving.batch import Sequence
+
+        if job.cancelled.is_set():
+            self._release(job)
+            return
+        prompt, p = self._prompt(job), job.params
+        if prompt is None:
+            self._release(job)
+            return
+        max_tokens = p.max_tokens or self.default_max_tokens
+        try:
+            self.generator._check(p.messages, max_tokens, p.temperature, p.top_p)
+        except PhituneError as exc:
+            self._end(job, "error", APIError(400, str(exc), param=None, code="invalid_value"))
+            return
+        loaded = getattr(self.generator, "adapters", [])
+        if p.adapter is not None and p.adapter not in loaded:
+            self._end(job, "error", APIError(400, f"no adapter {p.adapter!r} is loaded (loaded: "
+                                                  f"{', '.join(loaded) or 'none'})", param="model",
+                                             code="model_not_found"))
+            return
+        seq = Sequence(self.generator, prompt, max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.adapter)
+        job.emit("start", len(prompt))
+        self._observe(len(decoder) + 1)
+        delta = decoder.join(seq)
+        if self._advance(job, seq, delta):
+            jobs[id(seq)] = job
+
+    def _advance(self, job: Job, seq, delta: str) -> bool:
+        """Report one sampled token of job; False when the job has left (done, cancelled, timed out)."""
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        if job.cancelled.is_set():
+            self._release(job)
+            return False
+        if time.monotonic() >= job.deadline:
+            self._end(job, "timeout")
+            return False
+        if delta and job.params.stream:
+            job.emit("delta", delta)
+        if seq.done:
+            self.served += 1
+            self._end(job, "done", seq.result())
+            return False
+        return True
+
+    def _end(self, job: Job, kind: str, payload=None) -> None:
+        job.emit(kind, payload)
+        self._release(job)
+
+
+def _internal_error() -> APIError:
+    return APIError(500, "internal error while generating; see the server log", "server_error", None, "internal_error")
