@@ -5,7 +5,7 @@ machines on a shared PostgreSQL/MySQL storage) cooperate through the study:
 
     loop
       study full (finished trials >= n_trials)        -> done
-      token budget or timeout spent                   -> stop, no new trial
+      token budget, timeout, target or cost reached   -> stop, no new trial
       every slot taken by other workers' trials       -> wait for them (failing stale ones)
       ask a batch (n_jobs), launch it, tell each outcome, print a progress line
       too many failures                               -> stop with an error
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from phitune import redact
 from phitune.errors import PhituneError
-from phitune.sweep import contract, devices, pruning
+from phitune.sweep import contract, cost, devices, pruning
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
 from phitune.sweep.heartbeat import Heartbeat
@@ -70,7 +70,9 @@ def run_sweep(ctx: SweepContext, arguments: list[str]) -> list:
                            "(e.g. 'train.epochs=range(1,4)' or sweep=NAME)")
 
     if backend.sweep == "azure":
+        cost.refuse_on_azure(s)  # Azure has its own budget, checked before submitting
         return _submit_to_azure(ctx, plan)
+    cost.cost_rule(s)  # a bad price fails before a study or a run exists
 
     phitune_app = contract.has_trial_nodes(ctx.config)
     tracking = sweep_tracking(ctx, phitune_app)
@@ -244,7 +246,9 @@ class Sweep:
                 self.n_trials = size
         self.per_trial_seed = sampler.name in ("tpe", "random") and sampler.kwargs.get("seed") is not None
         self.target = stop_target(self.s, self.directions)
+        self.cost = cost.cost_rule(self.s)
         self.job_idx = 0
+        self.cost_stop: str | None = None  # why _ask_batch started no trial (stop.max_cost)
         self.returns: list = []
         self.in_flight: dict[int, Any] = {}  # trial number -> optuna Trial
         self.trial_ids: dict[int, int] = {}  # trial number -> storage trial id (for heartbeats)
@@ -288,6 +292,8 @@ class Sweep:
             "search_space": sp.describe(self.plan.space_text),
             **{f"space.{k}": v for k, v in self.plan.space_text.items()},
             "fixed_overrides": " ".join(redact.redact_overrides(self.plan.fixed)),
+            **({"stop.price_per_gpu_hour": f"{self.cost.price_per_gpu_hour:g} {self.cost.currency}",
+                "stop.max_cost": self.cost.max_cost} if self.cost else {}),
         })
 
     # -- the loop ----------------------------------------------------------------------
@@ -351,6 +357,9 @@ class Sweep:
             waiting_said = False
             self._recover()  # a dead worker's trial goes back in the queue before new ones are asked
             batch = self._ask_batch(min(self.n_jobs, free))
+            if not batch and self.cost_stop:
+                print(f"sweep: {self.cost_stop}; no new trial starts")
+                return self.cost_stop
             if batch:
                 self._launch(batch)
                 self._check_failures()
@@ -390,12 +399,24 @@ class Sweep:
         return None
 
     def _ask_batch(self, n: int) -> list:
+        """Up to n trials; with stop.max_cost, only those that fit (self.cost_stop says why not)."""
         batch = []
+        self.cost_stop = None
         for _ in range(n):
+            verdict = cost.check(self.study.get_trials(deepcopy=False), self.cost) if self._cost_stops() else None
+            if verdict is not None and not verdict.fits:
+                # Mid-batch, the trials asked so far run; the next loop decides on their measured cost.
+                self.cost_stop = verdict.line(self.cost, "stopping: the next trial would pass max_cost")
+                break
             trial = self._ask()
             if trial is not None:
+                if verdict is not None:
+                    print(f"sweep: {verdict.line(self.cost, f'starting trial {trial.number}')}", flush=True)
                 batch.append(trial)
         return batch
+
+    def _cost_stops(self) -> bool:
+        return self.cost is not None and self.cost.max_cost is not None
 
     def _ask(self):
         """One new (or re-enqueued) trial with its params, or None if it came too late."""
@@ -574,6 +595,14 @@ class Sweep:
         except Exception:
             pass
 
+    def _log_cost(self, step: int) -> None:
+        """stop.price_per_gpu_hour set: what the study's trials cost, on the parent run."""
+        if self.cost is None:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        self.parent.log_metric("cost_total", cost.spent(trials, self.cost), step=step)
+        self.parent.set_tag("phitune.cost", cost.describe(trials, self.cost))
+
     def _finish(self, stop_reason: str | None, status: str) -> None:
         from phitune.sweep.results import log_to_parent, write_results
 
@@ -588,6 +617,7 @@ class Sweep:
                 try:
                     skipped = log_to_parent(self.parent, self.study, self.metric, counts, self.sweep_dir,
                                             bool(self.s.plots))
+                    self._log_cost(counts.finished)
                     break
                 except Exception as exc:
                     if attempt == 2 or not _write_collision(exc):

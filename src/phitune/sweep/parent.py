@@ -122,6 +122,9 @@ class ParentRun:
     def set_tag(self, key: str, value) -> None:
         _shared_write(self.client.set_tag, self.run_id, key, redact.redact_text(str(value))[:MAX_PARAM_CHARS])
 
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.client.log_metric(self.run_id, key, float(value), step=step)
+
     def find_child(self, number: int):
         runs = self.client.search_runs(
             [self.experiment_id],

@@ -144,6 +144,9 @@ class PrunerConf:
     # median, percentile, wilcoxon, threshold: no pruning before a trial has trained this
     # fraction of its own planned tokens (0.1: a 3-epoch trial from 0.3 epochs, a 1-epoch from 0.1).
     warmup: float = 0.0
+    # every pruner: a trial that has trained this fraction of its own planned tokens is never
+    # pruned (0.7: a 3-epoch trial finishes from 2.1 epochs); 1.0 = judged up to its last report.
+    finish_from: float = 1.0
     # median / percentile: no pruning until this many trials completed, nor before step
     # n_warmup_steps (steps as reported); a trial is compared with the completed trials that
     # reported at the same step, at least n_min_trials of them.
@@ -174,6 +177,13 @@ class StopConf:
     # Stop once the best complete trial's objective reaches this value (<= when minimizing,
     # >= when maximizing), e.g. `hydra.sweeper.stop.target=1.5` for a good-enough loss.
     target: Optional[float] = None
+    # Local sweeps: stop once the cost so far plus the next trial's estimate (the mean cost of
+    # the complete and pruned trials) would pass max_cost. A trial costs its wall hours x 1 GPU
+    # x price_per_gpu_hour (phitune.sweep.cost); a price alone records the cost on the parent
+    # run. backend=azureml has backend.max_cost and backend.price_per_node_hour instead.
+    max_cost: Optional[float] = None  # in `currency`, over the whole study
+    price_per_gpu_hour: Optional[float] = None  # one GPU (or the CPU) for one hour, in `currency`
+    currency: str = "USD"  # a label for the amounts printed and logged
 
 
 @dataclass
