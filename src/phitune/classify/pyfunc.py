@@ -1,14 +1,15 @@
 """The MLflow model a classification run logs: a pyfunc classifier = base reference + adapter.
 
-Artifacts as for chat (phitune.tracking.pyfunc_model): `base.json` and `adapter/` (peft
-adapter with the head in it, or a whole model, and labels.json). predict() takes a
+Logged, and laid out, as the chat model is (phitune.tracking.pyfunc_model, docs/logged-model.md):
+a portable `base.json` (the base folder shipped in `base_model/` when it has no Hub id),
+`adapter/` (peft adapter with the head in it, or a whole model, and labels.json), phitune's
+wheel, PyPI-pinned requirements.txt and a model card. predict() takes a
 DataFrame with an `input` column (texts, or messages lists), or a list of them, and
 returns one row per input: `label` and `scores` ({label: probability}).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 
@@ -19,9 +20,9 @@ class PhituneClassifierModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from phitune.classify.predict import Classifier
+        from phitune.tracking.pyfunc_model import read_base
 
-        base = json.loads(Path(context.artifacts["base"]).read_text())
-        self.classifier = Classifier.load(base, context.artifacts["adapter"])
+        self.classifier = Classifier.load(read_base(context), context.artifacts["adapter"])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -47,31 +48,15 @@ def _parsed(item):
     return [dict(m) for m in item] if not isinstance(item, str) and hasattr(item, "__iter__") else item
 
 
-def log_classifier_model(base_ref: dict, adapter_dir, name: str = "model"):
-    """Log the pyfunc classifier into the active run; returns mlflow's ModelInfo."""
-    import logging
-    import tempfile
-    import warnings
-
+def log_classifier_model(base_ref: dict, adapter_dir, name: str = "model", metrics: dict | None = None,
+                         step: int | None = None, model_id: str | None = None):
+    """Log the pyfunc classifier into the active run (or into the epoch LoggedModel `model_id`)
+    as the chat model is logged (phitune.tracking.pyfunc_model.log_pyfunc_model): portable
+    base, phitune's wheel, pinned requirements, model card, metrics. Returns mlflow's ModelInfo."""
     import pandas as pd
 
-    from phitune.tracking import pyfunc_model
+    from phitune.tracking.pyfunc_model import log_pyfunc_model
 
-    # the chat model's pins (named `requirements` in the newer pyfunc_model, `_requirements` before)
-    pins = getattr(pyfunc_model, "requirements", None) or getattr(pyfunc_model, "_requirements")
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_log.level
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        pyfunc_log.setLevel(logging.ERROR)
-        base_file = Path(tmp) / "base.json"
-        base_file.write_text(json.dumps(base_ref, indent=2))
-        try:
-            return mlflow.pyfunc.log_model(
-                name=name, python_model=PhituneClassifierModel(),
-                artifacts={"base": str(base_file), "adapter": str(adapter_dir)},
-                input_example=pd.DataFrame({"input": ["I was charged twice this month"]}),
-                pip_requirements=pins(),
-            )
-        finally:
-            pyfunc_log.setLevel(level)
+    return log_pyfunc_model(PhituneClassifierModel(), pd.DataFrame({"input": ["I was charged twice this month"]}),
+                            dict(base_ref, task="classification"), adapter_dir, name=name, metrics=metrics, step=step,
+                            model_id=model_id, task="classification")

@@ -1,4 +1,5 @@
 """The MLflow model a run logs: a pyfunc chat model = base reference + adapter, standing on its own.
+task=classification's classifier (phitune.classify.pyfunc) is logged by the same log_pyfunc_model.
 
 Artifacts (under `artifacts/` of the model folder):
 
@@ -44,8 +45,7 @@ class PhituneChatModel(ChatModel):
         from phitune.modeling.generate import ChatGenerator
         from phitune.modeling.loader import load_for_inference
 
-        base = localize_base(json.loads(Path(context.artifacts["base"]).read_text()),
-                             context.artifacts.get("base_model"))
+        base = read_base(context)
         adapter = context.artifacts.get("adapter")
         model, tokenizer = load_for_inference(base, adapter)
         self.name = base.get("served_name") or base.get("name") or "phitune"
@@ -108,6 +108,11 @@ def portable_base(ref: dict) -> tuple[dict, Path | None]:
     return ref, None
 
 
+def read_base(context) -> dict:
+    """In load_context: the model's base.json, localized (the shipped folder where there is one)."""
+    return localize_base(json.loads(Path(context.artifacts["base"]).read_text()), context.artifacts.get("base_model"))
+
+
 def localize_base(ref: dict, shipped_dir: str | None = None) -> dict:
     """The base reference to load from here: the shipped folder, else the training machine's
     folder where it exists, else the Hub id or builtin. An older model's absolute `path` stays."""
@@ -144,9 +149,23 @@ def requirements(wheel: str | None = None) -> list[str]:
     return reqs
 
 
+# MLflow answers this example once to validate the chat model: keep it short.
+CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0.0}
+
+
 def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model", metrics: dict | None = None,
                    step: int | None = None, model_id: str | None = None):
-    """Log the pyfunc chat model into the active run; returns mlflow's ModelInfo.
+    """Log the pyfunc chat model into the active run (or into `model_id`); see log_pyfunc_model."""
+    return log_pyfunc_model(PhituneChatModel(), CHAT_EXAMPLE, base_ref, adapter_dir, name=name, metrics=metrics,
+                            step=step, model_id=model_id)
+
+
+def log_pyfunc_model(python_model, input_example, base_ref: dict, adapter_dir: str | Path, name: str = "model",
+                     metrics: dict | None = None, step: int | None = None, model_id: str | None = None,
+                     task: str = "chat"):
+    """Log a phitune pyfunc model (chat, or task=classification's classifier) into the active
+    run with the artifacts above; returns mlflow's ModelInfo. `python_model` reads them in
+    load_context (the base through localize_base, with `base_model` when shipped).
 
     The LoggedModel carries `metrics` (default: every metric of the run, at its latest step),
     so MLflow's Models tab can rank it; the run's own history is not touched. With
@@ -175,7 +194,7 @@ def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model",
         base_file = Path(tmp) / "base.json"
         base_file.write_text(json.dumps(base, indent=2))
         card = Path(tmp) / "README.md"
-        card.write_text(model_card(base, run, metrics))
+        card.write_text(model_card(base, run, metrics, task))
         wheel = build_wheel(tmp)
         artifacts = {"base": str(base_file), "adapter": str(adapter_dir), "card": str(card), "wheel": str(wheel)}
         if ship is not None:  # MLflow names an artifact folder by its basename (and refuses a symlink)
@@ -184,11 +203,9 @@ def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model",
         try:
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=PhituneChatModel(),
+                python_model=python_model,
                 artifacts=artifacts,
-                # MLflow answers this example once to validate the model: keep it short.
-                input_example={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
-                               "temperature": 0.0},
+                input_example=input_example,
                 # Explicit requirements: inferring them imports and times the whole env (slow).
                 pip_requirements=requirements(wheel.name),
                 step=int(step or 0),
