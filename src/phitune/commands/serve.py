@@ -72,6 +72,9 @@ def register(subparsers) -> None:
     p.add_argument("--served-name", help="model id in responses and /v1/models (default: the registered model's name)")
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait behind the running one; more get 429 (default: 16)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together, one forward pass per token for all of them (default: 8; "
+                        "1: one at a time)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="per-request limit, waiting included; then 504 (default: 120)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger bodies get 413 (default: 1000000)")
@@ -112,7 +115,8 @@ def _run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise PhituneError(f"--port {args.port}: expected 0-65535")
-    for flag, value in (("--max-queue", args.max_queue), ("--max-body-bytes", args.max_body_bytes),
+    for flag, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch),
+                        ("--max-body-bytes", args.max_body_bytes),
                         ("--default-max-tokens", args.default_max_tokens)):
         if value < (0 if flag == "--max-queue" else 1):
             raise PhituneError(f"{flag} {value}: too small")
@@ -147,6 +151,7 @@ def _run(args) -> int:
     settings = ServerSettings(
         model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
+        max_batch=args.max_batch,
         model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
     tracer = None
     if args.trace_sample > 0:

@@ -45,7 +45,8 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # None: the model's context length
     default_max_tokens: int = 256  # when a request gives no max_tokens
     request_timeout_s: float = 120.0  # from arrival, queueing included
-    max_queue: int = 16  # requests waiting behind the running one; one more gets 429
+    max_queue: int = 16  # requests waiting behind the decoding ones; one more gets 429
+    max_batch: int = 8  # requests decoded together (one forward per token for all); 1: one at a time
     model_info: dict = field(default_factory=dict)  # extra fields for /v1/models (version, uri)
 
 
@@ -140,9 +141,10 @@ class ChatService:
                  completion_filter: ContentFilter | None, request_log: RequestLog | None = None, tracer=None):
         self.settings = settings
         self.limit = int(settings.max_tokens_limit or generator.context_length)  # max_tokens accepted
-        self.metrics = ServingMetrics(lambda: self.engine.pending, settings.max_queue + 1)
         self.engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
-                             min(settings.default_max_tokens, self.limit), on_batch=self.metrics.batch.observe)
+                             min(settings.default_max_tokens, self.limit),
+                             on_batch=lambda n: self.metrics.batch.observe(n), max_batch=settings.max_batch)
+        self.metrics = ServingMetrics(lambda: self.engine.pending, self.engine.capacity)
         self.request_log, self.tracer = request_log, tracer  # tracer: phitune.serving.traces.Tracer
         self.prompt_filter, self.completion_filter = prompt_filter, completion_filter
         self.model_id = settings.model_id

@@ -205,17 +205,16 @@ class Engine:
                 continue
             self.largest_batch = max(self.largest_batch, len(decoder))
             try:
-                stepped = decoder.step()
+                gone = [seq for seq, delta in decoder.step() if not self._advance(jobs[id(seq)], seq, delta)]
+                decoder.leave(gone)
+                for seq in gone:
+                    del jobs[id(seq)]
             except Exception:  # a bug: every job of this batch gets a 500, the server keeps serving
                 log.exception("batched generation failed")
-                for seq in decoder.rows:
-                    self._end(jobs.pop(id(seq)), "error", _internal_error())
+                for job in jobs.values():
+                    self._end(job, "error", _internal_error())
+                jobs.clear()
                 decoder.clear()
-                continue
-            gone = [seq for seq, delta in stepped if not self._advance(jobs[id(seq)], seq, delta)]
-            decoder.leave(gone)
-            for seq in gone:
-                del jobs[id(seq)]
 
     def _admit(self, decoder, jobs: dict) -> bool:
         """Take queued jobs into the batch until it is full or the queue is empty (waiting for one when the
@@ -264,6 +263,8 @@ class Engine:
         delta = decoder.join(seq)
         if self._advance(job, seq, delta):
             jobs[id(seq)] = job
+        else:
+            decoder.leave([seq])
 
     def _advance(self, job: Job, seq, delta: str) -> bool:
         """Report one sampled token of job; False when the job has left (done, cancelled, timed out)."""
