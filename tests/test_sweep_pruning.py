@@ -114,6 +114,7 @@ def test_each_pruner_is_optunas_on_the_progress_axis(tmp_path, name, cls):
     ({"name": "percentile", "percentile": 100}, "pruner.percentile=100.0: expected a number between 0 and 100"),
     ({"report_every": 0}, "pruner.report_every=0.0: expected a fraction > 0"),
     ({"warmup": 1.5}, "pruner.warmup=1.5: expected a fraction >= 0 and <= 1"),
+    ({"finish_from": 0}, "pruner.finish_from=0.0: expected a fraction > 0 and <= 1"),
     ({"name": "hyperband", "min_resource": "soon"}, "pruner.min_resource='soon': expected auto or a number"),
     ({"name": "successive_halving", "reduction_factor": 1}, "pruner.reduction_factor=1: expected a whole number >= 2"),
     ({"name": "wilcoxon", "p_threshold": 2}, "pruner.p_threshold=2.0: expected a p-value"),
@@ -143,6 +144,34 @@ def test_warmup_is_a_fraction_of_each_trials_own_length(tmp_path):
     assert worse_at(200, planned=1000) is False  # 20% of its training: still warming up
     assert worse_at(200, planned=400) is True  # 50% of a shorter trial: judged
     assert worse_at(300, planned=400) is True
+
+
+@pytest.mark.parametrize("name", ["threshold", "successive_halving"])
+def test_no_pruning_once_a_trial_has_trained_finish_from_of_its_own_length(tmp_path, name):
+    # threshold upper=0 prunes any report; successive halving prunes a trial worse than the one
+    # that reached its rung first (fewer than reduction_factor competitors: only the best goes on).
+    spec = pruner_spec(conf(name=name, upper=0.0, finish_from=0.5))
+    assert spec["finish_from"] == 0.5
+    url, study = _study(tmp_path, spec)
+    pruner = build_pruner(spec)
+    first = study.ask()
+    first.set_user_attr(REPORT_TOKENS_ATTR, 100)
+    first.report(1.0, 100)
+    pruner.prune(study, study.get_trials()[first.number])
+    study.tell(first, 1.0)
+
+    def worse_at(step: int, planned: int) -> bool:
+        t = study.ask()
+        t.set_user_attr(PLANNED_ATTR, planned)
+        t.set_user_attr(REPORT_TOKENS_ATTR, 100)
+        t.report(5.0, step)
+        decision = pruner.prune(study, study.get_trials()[t.number])
+        study.tell(t, state=TrialState.FAIL)
+        return decision
+
+    assert worse_at(100, planned=1000) is True  # 10% of its training: judged (the control)
+    assert worse_at(600, planned=1000) is False  # 60%: it finishes
+    assert worse_at(600, planned=2000) is True  # the same tokens are 30% of a longer trial
 
 
 def test_successive_halving_and_hyperband_resources_follow_the_trial_length(tmp_path):
