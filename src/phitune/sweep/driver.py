@@ -228,9 +228,12 @@ class Sweep:
         if not 0.0 <= float(self.s.max_failure_rate) <= 1.0:
             raise PhituneError(f"hydra.sweeper.max_failure_rate={self.s.max_failure_rate}: expected 0..1")
         self.n_jobs = batch_size(self.s.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher.n_jobs", default=None))
-        # several trials at once on a GPU box: one GPU each (phitune.sweep.devices)
-        self.devices = devices.for_sweep(self.n_jobs, OmegaConf.select(ctx.config, "hydra.launcher._target_", default=None),
-                                         OmegaConf.select(ctx.config, "backend.device", default=None))
+        launcher_target = OmegaConf.select(ctx.config, "hydra.launcher._target_", default=None)
+        self.scheduled = is_scheduler_launcher(launcher_target)
+        # several trials at once on a GPU box: one GPU each (phitune.sweep.devices); a scheduler's
+        # jobs run on its nodes, which it gives GPUs itself (hydra.launcher.gpus_per_node)
+        self.devices = None if self.scheduled else devices.for_sweep(
+            self.n_jobs, launcher_target, OmegaConf.select(ctx.config, "backend.device", default=None))
         if self.devices:
             contract.declare(ctx.config, [devices.CUDA_ENV, devices.ENV_DEVICES, devices.ENV_LOCKS])
             print(f"sweep: {self.n_jobs} trials at once, one GPU each "
@@ -486,15 +489,56 @@ class Sweep:
                        contract.env_override(devices.ENV_DEVICES, ",".join(self.devices)),
                        contract.env_override(devices.ENV_LOCKS, lock_dir)]
         try:
-            returns = self.ctx.launcher.launch(overrides, initial_job_idx=idx)
-        except Exception as exc:  # the launcher itself broke (e.g. a joblib worker crashed)
-            returns = [_failed_return(exc) for _ in batch]
+            outcomes = self._run_jobs(overrides, idx)
         finally:
             end_stray_fluent_run()
         self.job_idx = max(self.job_idx, idx + len(batch))
-        self.returns.append(returns)
-        for trial, ret in zip(batch, returns):
-            self._conclude(trial, ret)
+        self.returns.append([_failed_return(o) if isinstance(o, BaseException) else o for o in outcomes])
+        for trial, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException) and job_died(outcome):
+                self._requeue_killed(trial, outcome)
+            else:
+                self._conclude(trial, _failed_return(outcome) if isinstance(outcome, BaseException) else outcome)
+
+    def _run_jobs(self, overrides: list[list[str]], idx: int) -> list:
+        """Each job's JobReturn, or the exception that stands for it.
+
+        A submitit launcher waits for its whole array and raises when any job died: each trial
+        of a batch is submitted on its own there, so one killed job costs no other its result."""
+        def launch(ovs, first):
+            try:
+                return list(self.ctx.launcher.launch(ovs, initial_job_idx=first))
+            except Exception as exc:  # the launcher broke (a joblib worker crashed, a job was killed)
+                return [exc] * len(ovs)
+
+        if not self.scheduled or len(overrides) == 1:
+            return launch(overrides, idx)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(overrides)) as pool:  # threads only wait on the scheduler
+            return [r[0] for r in pool.map(lambda i: launch([overrides[i]], idx + i), range(len(overrides)))]
+
+    def _requeue_killed(self, trial, exc) -> None:
+        """A job that ended without a result (the scheduler killed or preempted it, or it ran out of
+        host memory) is treated as a killed worker's trial: FAILED, then re-queued (max_retries)."""
+        import optuna
+
+        frozen = self._frozen(trial.number)
+        then = "re-queued as a new trial" if st.will_retry(frozen, int(self.s.max_retries)) \
+            else f"not retried (max_retries={self.s.max_retries})"
+        short = f"its job ended without a result (killed by the scheduler?); {then}"
+        error = f"{short}: {job_error(exc)}"
+        try:
+            trial.set_user_attr(st.ERROR_ATTR, error[:2000])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker already failed it as stale
+        self._tell(trial, optuna.trial.TrialState.FAIL)
+        self.retry(self.study, self._frozen(trial.number))
+        self.parent.mark_child(self.parent.find_child(trial.number), "killed",
+                               trial_run_name(trial.number, trial.params, "killed"))
+        print(outcome_line(trial.number, "failed", error=short))
+        print(progress_line(self._counts(), self.n_trials, self.metric, st.best_trial(self.study),
+                            self._pareto_size()), flush=True)
 
     def _conclude(self, trial, ret) -> None:
         """Tell the study how the job ended; tag its MLflow run; print the progress line."""
@@ -730,6 +774,21 @@ def job_error(exc) -> str:
         first = " ".join(str(exc).split(". ")[0].split())[:160]
         return f"{OOM_HINT} ({type(exc).__name__}: {first})"
     return f"{type(exc).__name__}: {exc}"
+
+
+# Launchers that hand jobs to a scheduler (hydra/launcher=submitit_slurm, submitit_local).
+SCHEDULER_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.",)
+
+
+def is_scheduler_launcher(target: str | None) -> bool:
+    return bool(target) and str(target).startswith(SCHEDULER_LAUNCHERS)
+
+
+def job_died(exc) -> bool:
+    """submitit's UncompletedJobError: the job's process ended without writing its result
+    (SIGKILL, scancel, preemption, a time limit). An exception of the app itself comes back
+    inside a JobReturn instead (Hydra's run_job catches it)."""
+    return type(exc).__name__ == "UncompletedJobError"
 
 
 def _is_pruned(exc) -> bool:
