@@ -23,12 +23,14 @@ def write_results_csv(history: list[dict], path: Path, columns: list[str] = RESU
 
 
 def plot_loss_curve(history: list[dict], path: Path, title: str = "loss") -> Path:
-    import matplotlib
+    # A Figure on the Agg canvas, not pyplot: no display needed, no global figure state, and
+    # pyplot's own import (backend selection, every colormap) is skipped; the PNG's bytes are the same.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for key, style in (("train_loss", "-"), ("valid_loss", "o-"), ("full_valid_loss", "s--")):
         pts = [(r["step"], r[key]) for r in history if r.get(key) is not None and not math.isnan(r[key])]
         if pts:
@@ -41,5 +43,4 @@ def plot_loss_curve(history: list[dict], path: Path, title: str = "loss") -> Pat
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
