@@ -16,6 +16,7 @@ differs between the sweeps of a seed:
     none        pruner.name=none
     default     sweeps/default.yaml's pruner, unchanged (what `python train.py -m` gets)
     median, percentile, successive_halving, hyperband, wilcoxon: see PRUNERS below
+    sh04_rf3, sh03_rf3_f80, ...: any candidate of bench/prune_replay.py (screened offline there)
 
 A seed's sweeps run in one invocation, peers alternated (the unpruned sweep first on
 even seeds, last on odd ones); a sweep already in DIR is reused, so a pruner can be
@@ -44,7 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # On top of sweeps/default.yaml (the `default` label uses it unchanged).
 PRUNERS = {
-    "none": ["hydra.sweeper.pruner.name=none"],
+    # Reports every 0.1 epoch without pruning: the curves bench/prune_replay.py replays offline
+    # (the extra evaluations on 16 examples cost CPU seconds, not training tokens).
+    "none": ["hydra.sweeper.pruner.name=none", "hydra.sweeper.pruner.report_every=0.1"],
     "default": [],
     "median": ["hydra.sweeper.pruner.name=median", "hydra.sweeper.pruner.n_startup_trials=3",
                "hydra.sweeper.pruner.warmup=0.1"],
@@ -59,6 +62,18 @@ PRUNERS = {
                  "hydra.sweeper.pruner.warmup=0.1"],
 }
 TARGET_MEDIAN, TARGET_WORST, TARGET_GAP = 0.40, 0.50, 0.02
+
+
+def pruner_overrides(label: str) -> list:
+    """A preset above, or any candidate of bench/prune_replay.py (e.g. sh04_rf3_f70), as overrides."""
+    if label in PRUNERS:
+        return PRUNERS[label]
+    from prune_replay import CANDIDATES
+
+    if label not in CANDIDATES:
+        sys.exit(f"--pruners: unknown {label}; expected one of {', '.join(k for k in PRUNERS if k != 'none')} "
+                 "or a candidate of bench/prune_replay.py")
+    return [f"hydra.sweeper.pruner.{k}={v}" for k, v in CANDIDATES[label].items()]
 
 
 def subset(n: int, folder: Path) -> Path:
@@ -77,7 +92,7 @@ def sweep(work: Path, label: str, seed: int, args, train_file: Path) -> dict:
            f"hydra.sweeper.storage={storage}", f"tracking.uri=sqlite:///{work}/mlruns/mlflow.db",
            f"hydra.sweep.dir={work}/multirun", "hydra.sweeper.study_name=bench",
            f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.sampler.seed={seed}",
-           f"hydra.sweeper.sampler.name={args.sampler}", "hydra.sweeper.plots=false", *PRUNERS[label],
+           f"hydra.sweeper.sampler.name={args.sampler}", "hydra.sweeper.plots=false", *pruner_overrides(label),
            "train.progress=false", "tracking.log_model=false",
            f"data.train_file={train_file}", f"data.validation_file={REPO}/data/support_valid.jsonl"]
     # One torch thread, as bench/train_throughput.py: on a shared 2-core machine two OpenMP
@@ -194,7 +209,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0", help="comma-separated sampler seeds")
     p.add_argument("--pruners", default="default", help=f"comma-separated, of: {', '.join(k for k in PRUNERS if k != 'none')}")
-    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--trials", type=int, default=16)
     p.add_argument("--train-examples", type=int, default=48)
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     p.add_argument("--keep", type=Path, default=None, help="folder for the sweeps (default: a temp dir); reused")
@@ -206,9 +221,10 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     train_file = subset(args.train_examples, root)
     pruners = [x for x in args.pruners.split(",") if x]
-    unknown = [x for x in pruners if x not in PRUNERS or x == "none"]
-    if unknown:
-        sys.exit(f"--pruners: unknown {', '.join(unknown)}; expected {', '.join(k for k in PRUNERS if k != 'none')}")
+    for label in pruners:
+        if label == "none":
+            sys.exit("--pruners: `none` is every seed's reference and always runs")
+        pruner_overrides(label)  # an unknown name fails before any sweep starts
     for seed in [int(s) for s in args.seeds.split(",")]:
         folder = root / f"seed{seed}-{args.sampler}"
         labels = ["none", *pruners] if seed % 2 == 0 else [*pruners, "none"]  # peers alternated

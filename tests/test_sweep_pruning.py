@@ -174,6 +174,33 @@ def test_no_pruning_once_a_trial_has_trained_finish_from_of_its_own_length(tmp_p
     assert worse_at(600, planned=2000) is True  # the same tokens are 30% of a longer trial
 
 
+@pytest.mark.parametrize("same_length", [False, True])
+def test_same_length_compares_a_trial_only_with_trials_planned_as_long(tmp_path, same_length):
+    spec = pruner_spec(conf(name="successive_halving", same_length=same_length))
+    url, study = _study(tmp_path, spec)
+    pruner = build_pruner(spec)
+
+    def rung_decision(planned: int, value: float) -> bool:
+        t = study.ask()
+        t.set_user_attr(PLANNED_ATTR, planned)
+        t.set_user_attr(REPORT_TOKENS_ATTR, 100)
+        t.report(value, 100)  # the first rung: 100 tokens for every trial
+        decision = pruner.prune(study, study.get_trials()[t.number])
+        study.tell(t, state=TrialState.PRUNED) if decision else study.tell(t, value)
+        return decision
+
+    assert rung_decision(2000, 1.0) is False  # a 2-epoch trial, ahead at equal tokens
+    # A 3-epoch trial behind it: cut against every trial; the first of its length with same_length.
+    assert rung_decision(3000, 2.0) is (not same_length)
+    assert rung_decision(3000, 3.0) is True  # behind the other 3-epoch trial: cut either way
+
+
+def test_same_length_is_refused_where_the_pruner_does_not_read_the_trials():
+    with pytest.raises(PhituneError, match="pruner.same_length=true: works with median, percentile, successive_halving, "
+                                           "not hyperband"):
+        pruner_spec(conf(name="hyperband", same_length=True))
+
+
 def test_successive_halving_and_hyperband_resources_follow_the_trial_length(tmp_path):
     url, study = _study(tmp_path, pruner_spec(conf(name="hyperband")))
     for planned in (3000, 9000):

@@ -12,6 +12,11 @@ length:
   tokens is never pruned: stopping it there saves little of its cost and may lose a
   near-best result (with 0.7, a 3-epoch trial finishes from 2.1 epochs, a 1-epoch one
   from 0.7);
+- same_length (successive halving, median, percentile): a trial is compared only with
+  trials of the same planned length. At equal tokens a shorter trial looks better (its
+  learning rate has decayed further: a 2-epoch trial at 0.9 epoch is 45% into its decay, a
+  3-epoch one 30%), so against every trial a rung keeps short trials and cuts long ones
+  that would have finished better;
 - successive halving and Hyperband count resources in the reported steps (tokens for
   train.py): min_resource `auto` = the first report point (K tokens, the same for all
   trials), Hyperband's max_resource `auto` = the longest planned trial so far.
@@ -36,6 +41,7 @@ from phitune.sweep.axis import PLANNED_ATTR, REPORT_TOKENS_ATTR
 
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "threshold", "none")
 _WARMUP_APPLIES = ("median", "percentile", "wilcoxon", "threshold")
+_SAME_LENGTH_APPLIES = ("median", "percentile", "successive_halving")  # they read the study's trials
 
 
 def pruner_spec(conf) -> dict:
@@ -51,6 +57,11 @@ def pruner_spec(conf) -> dict:
     if name == "none":
         return common
     common["finish_from"] = _fraction(conf, "finish_from", upper=1.0)
+    if bool(_value(conf, "same_length")):
+        if name not in _SAME_LENGTH_APPLIES:
+            raise PhituneError(f"hydra.sweeper.pruner.same_length=true: works with {', '.join(_SAME_LENGTH_APPLIES)}, "
+                               f"not {name}")
+        common["same_length"] = True
     if name in _WARMUP_APPLIES:
         common["warmup"] = _fraction(conf, "warmup", zero_ok=True, upper=1.0)
     if name in ("median", "percentile"):
@@ -156,11 +167,13 @@ class ProgressPruner(optuna.pruners.BasePruner):
             return False
         if self._inner is None:
             self._inner = self._build(study, trial)
+        if self.spec.get("same_length") and planned:
+            study = _SameLength(study, planned)
         return bool(self._inner.prune(study, trial))
 
     def _build(self, study, trial):
         s = {k: v for k, v in self.spec.items() if k not in ("name", "report_every", "report_examples", "warmup",
-                                                          "finish_from")}
+                                                          "finish_from", "same_length")}
         if self.name == "median":
             return optuna.pruners.MedianPruner(**s)
         if self.name == "percentile":
@@ -181,3 +194,18 @@ class ProgressPruner(optuna.pruners.BasePruner):
             if lengths:
                 s["max_resource"] = max(lengths)
         return optuna.pruners.HyperbandPruner(**s)
+
+
+class _SameLength:
+    """The study as an Optuna pruner reads it, holding only the trials planned as long as
+    `planned` (tokens): the competitors of a rung, or the completed trials of a median."""
+
+    def __init__(self, study, planned):
+        self._study, self._planned = study, planned
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.user_attrs.get(PLANNED_ATTR) == self._planned]
+
+    def __getattr__(self, name):  # direction, _storage (where successive halving records a rung)
+        return getattr(self._study, name)

@@ -147,6 +147,9 @@ class PrunerConf:
     # every pruner: a trial that has trained this fraction of its own planned tokens is never
     # pruned (0.7: a 3-epoch trial finishes from 2.1 epochs); 1.0 = judged up to its last report.
     finish_from: float = 1.0
+    # successive_halving, median, percentile: compare a trial only with trials of the same
+    # planned length (at equal tokens a shorter trial's learning rate has decayed further).
+    same_length: bool = False
     # median / percentile: no pruning until this many trials completed, nor before step
     # n_warmup_steps (steps as reported); a trial is compared with the completed trials that
     # reported at the same step, at least n_min_trials of them.
