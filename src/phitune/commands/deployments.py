@@ -31,6 +31,10 @@ def register(subparsers) -> None:
 
 
 def _model(record: dict) -> str:
+    held = record.get("models") or []
+    if len(held) > 1:  # a server of several models (phitune serve URI URI...): each version it holds
+        return ", ".join(f"{m.get('model_name') or m.get('model_uri')}/{m.get('model_version')}"
+                         if m.get("model_version") else str(m.get("model_uri")) for m in held)
     name = record.get("model_name") or record.get("served_model") or record.get("model_uri") or "?"
     version = record.get("model_version")
     return f"{name}/{version}" if version else name

@@ -5,6 +5,8 @@ and a deployment record.
     PHITUNE_API_KEY=... phitune serve models:/support-bot/3 --port 8080
     phitune serve runs:/<RUN_ID>/model --content-filter azure   # Azure AI Content Safety
     phitune serve models:/support-bot@champion --safety-config strict
+    phitune serve models:/support-bot@champion models:/support-bot@challenger   # one base, two adapters
+    phitune serve --registered support-bot --follow 30   # every alias; re-resolved every 30 s
 """
 from __future__ import annotations
 
@@ -62,14 +64,22 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model as an OpenAI-compatible endpoint",
                               description=" ".join(__doc__.split("\n\n")[0].split()),
                               epilog="API, errors, content filter and deployments: docs/serving.md")
-    p.add_argument("model_uri", metavar="MODEL_URI",
-                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a model folder")
+    p.add_argument("model_uris", metavar="MODEL_URI", nargs="*",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a model folder; several: "
+                        "LoRA adapters of one base, loaded once, each picked by the request's model "
+                        "(NAME@ALIAS, NAME/VERSION, RUN_ID)")
+    p.add_argument("--registered", action="append", default=[], metavar="NAME",
+                   help="serve every aliased version of this registered model, as NAME@ALIAS (repeatable)")
+    p.add_argument("--follow", type=float, metavar="SECONDS",
+                   help="re-resolve aliases every SECONDS; a moved alias's new version is loaded in the background "
+                        "and swapped in between requests, the old one unloaded")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--api-key-file", metavar="FILE",
                    help="file whose first line is the API key (else $PHITUNE_API_KEY, else a key is generated and printed once)")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
-    p.add_argument("--served-name", help="model id in responses and /v1/models (default: the registered model's name)")
+    p.add_argument("--served-name", help="model id in responses and /v1/models, for a single MODEL_URI (default: the "
+                                         "registered model's name)")
     p.add_argument("--max-queue", type=int, default=16, metavar="N",
                    help="requests that may wait behind the running one; more get 429 (default: 16)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
@@ -98,6 +108,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=_serve)
 
 
+def _follow(models, seconds: float, dep_id: str, tracking_uri: str, engine) -> None:
+    """Start --follow: the deployment record lists every version the server holds, as it changes."""
+    from phitune.deployments import update_models
+    from phitune.serving.models import followed
+
+    moving = followed(models)
+    if not moving:
+        print("  --follow: no MODEL_URI names an alias or `latest`, so nothing can move", file=sys.stderr, flush=True)
+        return
+    models.on_change = lambda held: update_models(dep_id, held, tracking_uri)
+    models.follow(seconds, idle=lambda: engine.pending == 0)
+    print(f"  following {', '.join(moving)}: re-resolved every {seconds:g} s", flush=True)
+
+
 def _serve(args) -> int:
     try:
         return _run(args)
@@ -106,9 +130,36 @@ def _serve(args) -> int:
         return exc.exit_code
 
 
+def _load(args, tracking_uri: str):
+    """(model set or None, classifier or None, generator, sources): the models named on the command line."""
+    from phitune.classify.serving import NoGeneration, load_classifier
+    from phitune.models.uri import resolve
+    from phitune.serving.models import load_models, registered_uris
+
+    uris = list(args.model_uris) + [u for name in args.registered for u in registered_uris(name, tracking_uri)]
+    if not uris:
+        raise PhituneError("give a MODEL_URI (or several), or --registered NAME")
+    print(f"loading {' '.join(uris)} ...", file=sys.stderr, flush=True)
+    sources = [resolve(u, tracking_uri) for u in uris]
+    single = len(args.model_uris) == 1 and not args.registered
+    classifier = load_classifier(sources[0]) if single else None  # None for a chat model
+    if classifier is not None:
+        if args.follow:
+            raise PhituneError("--follow swaps chat models' LoRA adapters; a classifier is served as it was loaded")
+        return None, classifier, NoGeneration(classifier.context_length), sources
+    models = load_models(uris, sources, tracking_uri, args.served_name, single)
+    return models, None, models.generator, sources
+
+
+def _describe(models, sources) -> str:
+    if models is None or models.single:
+        version = f" version {sources[0].model_version}" if sources[0].model_version else ""
+        return f"{sources[0].uri} ({sources[0].served_name}{version})"
+    return f"{len(models.names)} models ({', '.join(models.names)})"
+
+
 def _run(args) -> int:
-    from phitune.modeling.generate import load_generator
-    from phitune.models.uri import resolve, tracking_uri as default_tracking_uri
+    from phitune.models.uri import tracking_uri as default_tracking_uri
     from phitune.serving.app import ServerSettings, build_app
     from phitune.serving.auth import resolve_api_key
     from phitune.serving.server import bind, record_local_deployment, serve_forever, url_for, warn_if_exposed
@@ -122,6 +173,8 @@ def _run(args) -> int:
             raise PhituneError(f"{flag} {value}: too small")
     if args.timeout <= 0:
         raise PhituneError(f"--timeout {args.timeout}: must be positive")
+    if args.follow is not None and args.follow <= 0:
+        raise PhituneError(f"--follow {args.follow:g}: must be a positive number of seconds")
     if args.threads is not None:
         if args.threads < 1:
             raise PhituneError(f"--threads {args.threads}: must be at least 1")
@@ -142,32 +195,32 @@ def _run(args) -> int:
     key, key_source = resolve_api_key(args.api_key_file)
     tracking_uri = default_tracking_uri(args.tracking_uri)
 
-    print(f"loading {args.model_uri} ...", file=sys.stderr, flush=True)
-    source = resolve(args.model_uri, tracking_uri)
-    from phitune.classify.serving import NoGeneration, load_classifier
-
-    classifier = load_classifier(source)  # None for a chat model
-    generator = NoGeneration(classifier.context_length) if classifier else load_generator(source)
+    models, classifier, generator, sources = _load(args, tracking_uri)
+    source = sources[0]
+    info = {"context_length": generator.context_length}
+    if models is None or models.single:  # several: each model's card has its own version and uri
+        info = {"version": source.model_version, "uri": source.uri, **info}
     settings = ServerSettings(
-        model_id=args.served_name or source.served_name, max_body_bytes=args.max_body_bytes,
-        default_max_tokens=args.default_max_tokens, request_timeout_s=args.timeout, max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        model_info={"version": source.model_version, "uri": source.uri, "context_length": generator.context_length})
+        model_id=models.names[0] if models else args.served_name or source.served_name,
+        max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+        request_timeout_s=args.timeout, max_queue=args.max_queue, max_batch=args.max_batch, model_info=info)
     tracer = None
     if args.trace_sample > 0:
         from phitune.serving.traces import Tracer
 
         tracer = Tracer(tracking_uri, args.trace_sample, args.trace_experiment, args.log_request_content)
-    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, tracer, classifier=classifier)
+    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, tracer, classifier=classifier,
+                    models=models)
 
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)
     url = url_for(sock, args.host)
     filter_text = describe_filter(prompt_filter, completion_filter)
-    record = record_local_deployment(source, url, tracking_uri, filter_text)
-    version = f" version {source.model_version}" if source.model_version else ""
-    print(f"serving {args.model_uri} ({source.served_name}{version}) at {url}/v1", flush=True)
+    record = record_local_deployment(source, url, tracking_uri, filter_text, models.records() if models else None)
+    print(f"serving {_describe(models, sources)} at {url}/v1", flush=True)
     print(f"  deployment {record['id']}: `phitune deployments list`, `phitune undeploy {record['id']}`", flush=True)
+    if args.follow:
+        _follow(models, args.follow, record["id"], tracking_uri, app.state.engine)
     print(f"  content filter: {filter_text}", flush=True)
     print(f"  metrics: {url}/metrics (Prometheus), `phitune deployments show {record['id']}`", flush=True)
     if request_log is not None:

@@ -94,7 +94,7 @@ def show_model(client, name: str, tracking_uri: str) -> tuple[object, list[Versi
             version=str(v.version), aliases=by_version.get(str(v.version), []), created=_when(v.creation_timestamp),
             run_id=v.run_id or "", checkpoint=v.tags.get("phitune.checkpoint", ""), metric=metric,
             value=v.tags.get(f"metric.{metric}") if metric else None, digest=v.tags.get("phitune.valid_digest", ""),
-            deployments=[d for d in deps if str(d.get("model_version")) == str(v.version)], status=str(v.status)))
+            deployments=[d for d in deps if deployments.serves(d, name, v.version)], status=str(v.status)))
     return model, infos
 
 

@@ -3,6 +3,7 @@
 
     app = build_app(generator, api_key="...", settings=ServerSettings(model_id="support-bot"),
                     prompt_filter=..., completion_filter=...)
+    app = build_app(models.generator, api_key="...", models=models)  # several models (serving/models.py)
 
 Responses follow OpenAI's chat-completions format plus Azure OpenAI's content-filter
 annotations: `prompt_filter_results` on the response (first chunk when streaming)
@@ -30,6 +31,7 @@ from phitune.safety.filter import ContentFilter, FilterResult, StreamScreen
 from phitune.serving.auth import KeyChecker, presented_key
 from phitune.serving.engine import Engine, GenParams, QueueFull
 from phitune.serving.metrics import SCOPE_KEY, Exchange, MetricsMiddleware, ServingMetrics
+from phitune.serving.models import Entry, ModelSet
 from phitune.serving.playground import add_routes as add_playground_routes
 from phitune.serving.request_log import RequestLog
 from phitune.serving.schemas import APIError, invalid, parse_chat_request
@@ -45,7 +47,7 @@ class ServerSettings:
     max_tokens_limit: int | None = None  # None: the model's context length
     default_max_tokens: int = 256  # when a request gives no max_tokens
     request_timeout_s: float = 120.0  # from arrival, queueing included
-    max_queue: int = 16  # requests waiting behind the decoding ones; one more gets 429
+    max_queue: int = 16  # requests held beyond the first (decoding or waiting); one more gets 429
     max_batch: int = 8  # requests decoded together (one forward per token for all); 1: one at a time
     model_info: dict = field(default_factory=dict)  # extra fields for /v1/models (version, uri)
 
@@ -132,14 +134,17 @@ def _sse(obj) -> str:
 
 
 class ChatService:
-    """What the routes serve: one model behind the engine, the filters, the settings.
+    """What the routes serve: the models (one, or several adapters of one base) behind the
+    engine, the filters, the settings.
 
     Each route is a plain method; `build_app` only wires them to FastAPI.
     """
 
     def __init__(self, generator, settings: ServerSettings, prompt_filter: ContentFilter | None,
-                 completion_filter: ContentFilter | None, request_log: RequestLog | None = None, tracer=None):
+                 completion_filter: ContentFilter | None, request_log: RequestLog | None = None, tracer=None,
+                 models: ModelSet | None = None):
         self.settings = settings
+        self.model_set = models or ModelSet.single_model(generator, settings.model_id, settings.model_info)
         self.limit = int(settings.max_tokens_limit or generator.context_length)  # max_tokens accepted
         self.engine = Engine(generator, settings.max_queue, settings.request_timeout_s,
                              min(settings.default_max_tokens, self.limit),
@@ -147,7 +152,7 @@ class ChatService:
         self.metrics = ServingMetrics(lambda: self.engine.pending, self.engine.capacity)
         self.request_log, self.tracer = request_log, tracer  # tracer: phitune.serving.traces.Tracer
         self.prompt_filter, self.completion_filter = prompt_filter, completion_filter
-        self.model_id = settings.model_id
+        self.model_id = settings.model_id if self.model_set.single else self.model_set.names[0]
         self.created = int(time.time())
         self.timeout = APIError(504, f"The request timed out after {self.engine.timeout_s:g} s (waiting and "
                                      "generating).", "timeout_error", None, "timeout")
@@ -155,54 +160,67 @@ class ChatService:
     # -- GET routes -------------------------------------------------------------------
     async def health(self):
         pf, cf = self.prompt_filter, self.completion_filter
-        return {"status": "ok", "model": self.model_id, "pending": self.engine.pending,
+        several = {} if self.model_set.single else {"models": self.model_set.names}
+        return {"status": "ok", "model": self.model_id, **several, "pending": self.engine.pending,
                 "max_queue": self.engine.max_queue,
                 "content_filter": {"prompt": pf.backend_name if pf else "off",
                                    "completion": cf.backend_name if cf else "off"}}
 
-    def _model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "phitune",
-                **self.settings.model_info}
+    def _model_card(self, entry: Entry) -> dict:
+        now = {k: v for k, v in entry.info.items() if k in ("version", "uri")}  # it changes under --follow
+        return {"id": entry.name, "object": "model", "created": self.created, "owned_by": "phitune",
+                **self.settings.model_info, **now}
 
     async def models(self):
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [self._model_card(e) for e in self.model_set.entries()]}
 
     async def prometheus(self):
         body, content_type = self.metrics.exposition()
         return Response(body, media_type=content_type)
 
     async def model(self, name: str):
-        if name != self.model_id:
-            raise _unknown_model(name, self.model_id)
-        return self._model_card()
+        entry = self.model_set.pick(name)
+        if entry is None:
+            raise _unknown_model(name, self.model_set.names)
+        return self._model_card(entry)
+
+    def _entry(self, name: str | None, ex: Exchange) -> Entry:
+        """The served model a request names: 404 for an unknown name, 400 for none among several."""
+        entry = self.model_set.pick(name)
+        if entry is None:
+            ex.model = "unknown"  # a client's string never becomes a metric label
+            if name is None:
+                served = ", ".join(f"'{n}'" for n in self.model_set.names)
+                raise APIError(400, f"This server serves several models ({served}): name one in `model` "
+                                    "(GET /v1/models).", "invalid_request_error", "model", "missing_required_parameter")
+            raise _unknown_model(name, self.model_set.names)
+        ex.model = entry.name
+        return entry
 
     # -- POST /v1/chat/completions ------------------------------------------------------
     async def chat_completions(self, request: Request):
         _require_json(request)
         ex = request.scope.get(SCOPE_KEY) or Exchange(time.monotonic())
         req = parse_chat_request(parse_json(await read_body(request, self.settings.max_body_bytes)), self.limit)
-        if req.model is not None and req.model != self.model_id:
-            ex.model = "unknown"  # a client's string never becomes a metric label
-            raise _unknown_model(req.model, self.model_id)
-        ex.model = self.model_id
+        name = self._entry(req.model, ex).name
         prompt_results = await self._screen_prompt(req.messages)
-        job = self._submit(req)
+        entry, job = self._submit(req, name)
         prompt_tokens = await self._started(job)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_id,
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": entry.name,
                 "system_fingerprint": FINGERPRINT}
         if req.stream:
-            return StreamingResponse(self._stream(job, head, prompt_tokens, prompt_results, req, ex),
+            return StreamingResponse(self._stream(job, head, prompt_tokens, prompt_results, req, ex, entry),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await self._complete(job, head, prompt_tokens, prompt_results, req, ex))
+        return JSONResponse(await self._complete(job, head, prompt_tokens, prompt_results, req, ex, entry))
 
     def _finished(self, ex: Exchange, job, req, head: dict, text: str | None, finish: str, prompt_tokens: int,
-                  completion_tokens: int) -> None:
+                  completion_tokens: int, entry: Entry) -> None:
         """Note the outcome for the metrics (counted when the response ends) and the request log."""
         ex.finish_reason, ex.first_token_at = finish, job.first_token_at
         ex.prompt_tokens, ex.completion_tokens = prompt_tokens, completion_tokens
-        info = self.settings.model_info
-        model = {"model": self.model_id, "model_version": info.get("version"),
+        info = {**self.settings.model_info, **entry.info}
+        model = {"model": entry.name, "model_version": info.get("version"),
                  "model_uri": info.get("resolved_uri") or info.get("uri")}
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
         if self.request_log is not None and text is not None and finish in ("stop", "length"):
@@ -230,10 +248,15 @@ class ChatService:
                            "content_filter_unavailable")
         return [{"prompt_index": 0, "content_filter_results": verdict.to_azure()}] if verdict.enabled else None
 
-    def _submit(self, req):
+    def _submit(self, req, name: str) -> tuple[Entry, object]:
+        """(the entry answering, its queued job). Looked up and queued in one step under the
+        model set's lock: a --follow swap falls before or after it, never in between."""
         try:
-            return self.engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p, req.stop,
-                                                req.seed, req.stream))
+            with self.model_set.lock:
+                entry = self.model_set.pick(name)
+                return entry, self.engine.submit(GenParams(req.messages, req.max_tokens, req.temperature, req.top_p,
+                                                           req.stop, req.seed, req.stream,
+                                                           adapter=self.model_set.adapter(entry)))
         except QueueFull:
             raise APIError(429, f"The server is busy: {self.engine.max_queue} requests are already waiting. Retry "
                                 "shortly.", "rate_limit_error", None, "rate_limit_exceeded",
@@ -251,7 +274,8 @@ class ChatService:
             raise self.timeout if kind == "timeout" else payload
         return payload
 
-    async def _complete(self, job, head: dict, prompt_tokens: int, prompt_results, req, ex: Exchange) -> dict:
+    async def _complete(self, job, head: dict, prompt_tokens: int, prompt_results, req, ex: Exchange,
+                        entry: Entry) -> dict:
         try:
             while True:
                 kind, payload = await job.next_event()
@@ -269,7 +293,7 @@ class ChatService:
         if verdict.filtered:
             finish, content = "content_filter", None
             self.metrics.blocked("completion", verdict)
-        self._finished(ex, job, req, head, content, finish, prompt_tokens, result["completion_tokens"])
+        self._finished(ex, job, req, head, content, finish, prompt_tokens, result["completion_tokens"], entry)
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                   "finish_reason": finish}
         if verdict.enabled:
@@ -281,7 +305,7 @@ class ChatService:
             body["prompt_filter_results"] = prompt_results
         return body
 
-    async def _stream(self, job, head, prompt_tokens, prompt_results, req, ex: Exchange):
+    async def _stream(self, job, head, prompt_tokens, prompt_results, req, ex: Exchange, entry: Entry):
         def chunk(choices, **extra):
             return _sse({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
 
@@ -319,7 +343,7 @@ class ChatService:
                     return
             if finish == "content_filter":
                 self.metrics.blocked("completion", screen.result)
-            self._finished(ex, job, req, head, "".join(sent), finish, prompt_tokens, completion_tokens)
+            self._finished(ex, job, req, head, "".join(sent), finish, prompt_tokens, completion_tokens, entry)
             last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
             if screen is not None and screen.result.enabled:
                 last["content_filter_results"] = screen.result.to_azure()
@@ -334,8 +358,9 @@ class ChatService:
                 ex.first_token_at = job.first_token_at
 
 
-def _unknown_model(name: str, served: str) -> APIError:
-    return APIError(404, f"The model '{name}' does not exist; this server serves '{served}' (GET /v1/models).",
+def _unknown_model(name: str, served: str | list[str]) -> APIError:
+    listed = ", ".join(f"'{n}'" for n in ([served] if isinstance(served, str) else served))
+    return APIError(404, f"The model '{name}' does not exist; this server serves {listed} (GET /v1/models).",
                     "invalid_request_error", "model", "model_not_found")
 
 
@@ -370,14 +395,17 @@ async def _unexpected(request, exc: Exception):
 
 def build_app(generator, api_key: str, settings: ServerSettings | None = None,
               prompt_filter: ContentFilter | None = None, completion_filter: ContentFilter | None = None,
-              request_log: RequestLog | None = None, tracer=None, classifier=None) -> FastAPI:
-    """classifier: a phitune.classify.predict.Classifier (then `generator` is a stand-in and chat answers 400)."""
+              request_log: RequestLog | None = None, tracer=None, classifier=None,
+              models: ModelSet | None = None) -> FastAPI:
+    """classifier: a phitune.classify.predict.Classifier (then `generator` is a stand-in and chat answers 400).
+    models: the names served and their adapters (default: `generator` alone, as settings.model_id)."""
     service = ChatService(generator, settings or ServerSettings(), prompt_filter, completion_filter, request_log,
-                          tracer)
+                          tracer, models)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
+        await asyncio.to_thread(service.model_set.stop)
         await asyncio.to_thread(service.engine.close, 2.0)
         if request_log is not None:
             request_log.close()

@@ -126,11 +126,15 @@ def warn_if_exposed(host: str) -> None:
               file=sys.stderr)
 
 
-def record_local_deployment(source, url: str, tracking_uri: str, content_filter: str) -> dict:
+def record_local_deployment(source, url: str, tracking_uri: str, content_filter: str,
+                            models: list | None = None) -> dict:
+    """source: the (first) model served; models: every version held (phitune.serving.models.ModelSet.records)."""
     from phitune.deployments import record_deployment
 
     pid = os.getpid()
+    extra = {"models": models} if models else {}
     return record_deployment(source.uri, source.model_name, source.model_version, "local", url,
                              tracking_uri=tracking_uri, pid=pid, host=socket.gethostname(),
                              pid_started=process_start_time(pid), served_model=source.served_name,
-                             resolved_uri=source.resolved_uri, run_id=source.run_id, content_filter=content_filter)
+                             resolved_uri=source.resolved_uri, run_id=source.run_id, content_filter=content_filter,
+                             **extra)
