@@ -213,9 +213,9 @@ def test_client_gone_mid_stream_stops_only_its_sequence(generator, alone):
 
 
 def test_full_queue_is_429_with_batching(generator):
-    """max_batch 2 + max_queue 1: three requests are taken, a fourth is refused, later ones work."""
+    """max_queue 2: three requests are held (as without batching), a fourth is refused, later ones work."""
     body = {"messages": user(QUESTIONS[0]), "max_tokens": 3}
-    with app_server(generator, max_batch=2, max_queue=1) as server, held(generator.model) as (gate, _), \
+    with app_server(generator, max_batch=2, max_queue=2) as server, held(generator.model) as (gate, _), \
             ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(post, server.url, body) for _ in range(3)]
         wait_for(lambda: server.engine.pending == 3, "three requests to be taken")
@@ -235,3 +235,37 @@ def test_request_timeout_is_504_with_batching(generator):
         gate.set()
         wait_for(lambda: server.engine.pending == 0, "the timed-out sequence to be dropped")
         assert post(server.url, body)[0] == 200
+
+
+def test_rows_of_different_adapters_share_a_batch(tiny_model_cfg):
+    """Two LoRA adapters on one base: a batch mixing their rows (peft's adapter_names) answers as
+    each adapter does alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from phitune.modeling.generate import ChatGenerator
+    from phitune.modeling.loader import base_reference, load_for_inference
+    from phitune.serving.batch import BatchDecoder, Sequence
+
+    model, tokenizer = load_for_inference(base_reference(tiny_model_cfg), None)
+    lora = dict(r=8, target_modules=["qkv_proj", "o_proj"], init_lora_weights=False)  # random B: adapters differ
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(**lora), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(**lora))
+    peft_model.eval()
+    g = ChatGenerator(peft_model, tokenizer, int(tiny_model_cfg.context_length))
+    rows = [(QUESTIONS[0], "a"), (QUESTIONS[0], "b"), (QUESTIONS[2], "b"), (QUESTIONS[4], None)]
+    want = []
+    for question, adapter in rows:
+        peft_model.set_adapter(adapter or "a")
+        want.append(g.generate(user(question), 12, 0.0))
+    peft_model.set_adapter("a")  # the active adapter: what a row without one gets
+    decoder = BatchDecoder(g)
+    seqs = [Sequence(g, g.prompt_ids(user(q)), 12, 0.0, 1.0, [], None, adapter) for q, adapter in rows]
+    for seq in seqs:
+        decoder.join(seq)
+    while decoder.rows:
+        decoder.step()
+        decoder.leave([s for s in decoder.rows if s.done])
+    assert [s.result() for s in seqs] == want
+    assert want[0] != want[1]  # the same question, two adapters, two answers: the rows really differ

@@ -5,8 +5,9 @@ ChatGenerator is not thread-safe, so a single worker thread owns the model. With
 each step is one forward over every active sequence; queued requests join between
 steps and finished ones leave, so a short answer never waits for a long one. With
 `max_batch` 1 (or a generator that cannot batch) it runs one generation at a time,
-in arrival order, through ChatGenerator.stream. At most `max_queue` requests wait
-behind the decoding ones; one more is refused at once (429) instead of piling up.
+in arrival order, through ChatGenerator.stream. At most `max_queue` + 1 requests are
+held (decoding or queued), whatever `max_batch` is; one more is refused at once (429)
+instead of piling up.
 Each job carries a deadline (the request timeout, counted from arrival): a job still queued at its deadline is dropped, a running one
 stops at the next token, and the client gets a timeout error. A job whose client
 went away is cancelled the same way, so nobody's tokens are generated for nothing.
@@ -44,7 +45,6 @@ class GenParams:
     seed: int | None
     stream: bool = True  # False: no ("delta", ...) events, only the result (one wake-up per request, not per token)
     adapter: str | None = None  # a peft adapter's name (multi-adapter serving); None: the model as loaded
-    adapter: str | None = None  # the peft adapter name for the request (phitune.serving.models); None: the active one
 
 
 class Job:
@@ -102,8 +102,9 @@ class Engine:
 
     @property
     def capacity(self) -> int:
-        """Requests queued or decoding before a 429: the decoding batch + max_queue waiting."""
-        return self.max_queue + self.max_batch
+        """Requests queued or decoding before a 429: max_queue + 1, as without batching (the bound on
+        what the server holds does not move with --max-batch; of those, up to max_batch decode)."""
+        return self.max_queue + 1
 
     def submit(self, params: GenParams, loop: asyncio.AbstractEventLoop | None = None) -> Job:
         with self._lock:
