@@ -309,9 +309,7 @@ def _tracked_fit(cfg, data: Data, job: Job, dist):
             if reporter is not None:
                 reporter.finish()
             elif cfg.train.get("evaluate_at_end") and data.labels is None:  # classification: the report above
-                from phitune.evaluation.run import evaluate_run
-
-                evaluate_run(cfg, tracker.run_id)
+                _evaluate_at_end(cfg, tracker.run_id, data, job)
     finally:
         if reporter is None and tracker.status:  # a sweep prints its own line per trial
             _closing_block(cfg, tracker, objective)
@@ -362,10 +360,16 @@ def _finalise(cfg, tracker, tokenizer, model, state, objective, runtime_s: float
         _log_model(cfg, tokenizer, model)
 
 
+def _base_ref(cfg) -> dict:
+    """The logged model's base.json before it is made portable (phitune.tracking.pyfunc_model)."""
+    from phitune.modeling.loader import base_reference
+
+    return dict(base_reference(cfg.model), context_length=int(cfg.model.context_length), method=cfg.train.method)
+
+
 def _log_model(cfg, tokenizer, model) -> None:
     import mlflow
 
-    from phitune.modeling.loader import base_reference
     from phitune.tracking.pyfunc_model import log_chat_model
     from phitune.train.checkpoint import _unwrap
 
@@ -374,8 +378,16 @@ def _log_model(cfg, tokenizer, model) -> None:
         _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
         tokenizer.save_pretrained(str(adapter))
         mlflow.log_artifacts(str(adapter), "adapter")
-        ref = dict(base_reference(cfg.model), context_length=int(cfg.model.context_length), method=cfg.train.method)
-        log_chat_model(ref, adapter)
+        log_chat_model(_base_ref(cfg), adapter)
+
+
+def _evaluate_at_end(cfg, run_id: str, data: Data, job: Job) -> None:
+    """train.evaluate_at_end: the run's logged model, scored as it is in memory (the same weights;
+    no download and second load); without a logged model, its last checkpoint is loaded."""
+    from phitune.evaluation.run import evaluate_run
+
+    trained = (job.model, data.tokenizer, _base_ref(cfg)) if cfg.tracking.log_model else None
+    evaluate_run(cfg, run_id, trained=trained, spec=job.spec, splits=data.splits)
 
 
 def _log_datasets(cfg, splits) -> None:

@@ -17,6 +17,7 @@ everything together as `eval/metrics.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -84,17 +85,52 @@ def _device(name: str):
     return pick_device(str(name or "auto"))
 
 
-def score(source, conversations: list, settings, max_seq_len: Optional[int] = None, progress: bool = True):
-    """Load the model of a ModelSource and run the suite; returns an EvalResult."""
-    from phitune.evaluation.suite import run_suite
+def score(source, conversations: list, settings, max_seq_len: Optional[int] = None, progress: bool = True,
+          spec=None):
+    """Load the model of a ModelSource and run the suite; returns an EvalResult. `spec`: the
+    training's LoopSpec (memory settings of the teacher-forced pass)."""
     from phitune.modeling.loader import load_for_inference
 
     device = _device(settings.device)
     model, tokenizer = load_for_inference(source.base_ref, source.adapter_dir, device=str(device))
-    context = source.context_length or 4096
-    return run_suite(model, tokenizer, conversations, context, max_seq_len=max_seq_len,
+    return _suite(model, tokenizer, source, conversations, settings, max_seq_len, progress, device, spec)
+
+
+def _suite(model, tokenizer, source, conversations, settings, max_seq_len, progress, device, spec=None):
+    from phitune.evaluation.suite import run_suite
+
+    return run_suite(model, tokenizer, conversations, source.context_length or 4096, max_seq_len=max_seq_len,
                      batch_size=int(settings.batch_size), generation_limit=settings.generation_limit,
-                     max_new_tokens=int(settings.max_new_tokens), device=device, progress=progress)
+                     max_new_tokens=int(settings.max_new_tokens), device=device, progress=progress, spec=spec)
+
+
+@contextlib.contextmanager
+def _for_inference(model):
+    """The training's model as load_for_inference returns one (eval mode, KV cache on), then back."""
+    from phitune.train.checkpoint import _unwrap
+
+    model = _unwrap(model)  # DDP: the evaluation runs on the main process only
+    was_training, cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        yield model
+    finally:
+        model.config.use_cache = cache
+        model.train(was_training)
+
+
+def score_in_memory(run_id: str, model, tokenizer, base_ref: dict, conversations: list, settings,
+                    max_seq_len: Optional[int] = None, spec=None):
+    """The suite on the model a run has just trained and logged as runs:/RUN_ID/model, as it is in
+    memory: the same weights as that logged model, without downloading and loading them again."""
+    from phitune.models.uri import ModelSource
+
+    uri = f"runs:/{run_id}/model"
+    source = ModelSource(uri, uri, "run-model", dict(base_ref), None, run_id=run_id)
+    device = next(model.parameters()).device
+    with _for_inference(model) as m:
+        return source, _suite(m, tokenizer, source, conversations, settings, max_seq_len, False, device, spec)
 
 
 def log_results(client, run_id: str, result, *, source=None, data_file: str = "", digest: str = "",
@@ -234,10 +270,15 @@ def _run_model_source(client, run_id: str, workdir: Path):
     return resolve(f"runs:/{run_id}/{epochs[-1]}", mlflow.get_tracking_uri(), workdir / "c")
 
 
-def evaluate_run(cfg, run_id: str) -> Optional[dict]:
+def evaluate_run(cfg, run_id: str, trained=None, spec=None, splits=None) -> Optional[dict]:
     """Score a finished training run's model and log into that run (end of `python train.py`).
 
     Data: `data.test_file` when the config has one, else the run's validation split.
+    trained: (model, tokenizer, base reference) of the model the run has just logged as
+    runs:/RUN_ID/model, scored in memory; None: the run's model (or last checkpoint) is
+    downloaded and loaded. spec: the training's LoopSpec, whose memory settings (loss in
+    chunks of train.loss_chunk_tokens, not [tokens, vocab] logits) the teacher-forced pass uses.
+    splits: the run's own phitune.data.dataset.Splits (not read and validated a second time).
     A failure here never fails the training run: it is printed and tagged `phitune.eval_error`.
     """
     from mlflow.tracking import MlflowClient
@@ -252,7 +293,7 @@ def evaluate_run(cfg, run_id: str) -> Optional[dict]:
         else:
             from phitune.data.dataset import prepare_splits
 
-            splits = prepare_splits(cfg.data)
+            splits = splits if splits is not None else prepare_splits(cfg.data)
             if not splits.valid:
                 print("note: evaluate_at_end: no validation data (data.validation=none); skipped", file=sys.stderr)
                 return None
@@ -264,12 +305,19 @@ def evaluate_run(cfg, run_id: str) -> Optional[dict]:
             data_file = str(cfg.data.validation_file or cfg.data.train_file)
         if settings.get("device", "auto") == "auto" and cfg.get("backend") is not None:
             settings.device = cfg.backend.get("device", "auto") or "auto"
-        with tempfile.TemporaryDirectory(prefix="phitune-eval-") as tmp:
-            source = _run_model_source(client, run_id, Path(tmp))
-            if source is None:
-                print("note: evaluate_at_end: the run logged neither a model nor a checkpoint; skipped", file=sys.stderr)
-                return None
-            result = score(source, conversations, settings, cfg.data.get("max_seq_len"), progress=False)
+        if trained is not None:
+            model, tokenizer, base_ref = trained
+            source, result = score_in_memory(run_id, model, tokenizer, base_ref, conversations, settings,
+                                             cfg.data.get("max_seq_len"), spec)
+        else:
+            with tempfile.TemporaryDirectory(prefix="phitune-eval-") as tmp:
+                source = _run_model_source(client, run_id, Path(tmp))
+                if source is None:
+                    print("note: evaluate_at_end: the run logged neither a model nor a checkpoint; skipped",
+                          file=sys.stderr)
+                    return None
+                result = score(source, conversations, settings, cfg.data.get("max_seq_len"), progress=False,
+                               spec=spec)
         log_results(client, run_id, result, source=source, data_file=data_file, digest=digest, settings=settings)
         print(f"evaluation ({len(conversations)} conversations of {data_file}):\n{format_metrics(result.metrics)}",
               file=sys.stderr)

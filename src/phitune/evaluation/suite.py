@@ -74,8 +74,9 @@ def render_prompt(prompt: Sequence[dict]) -> str:
 
 
 def teacher_forced(model, tokenizer, conversations: Sequence[Sequence[dict]], max_len: int, batch_size: int,
-                   device) -> dict:
-    """loss, perplexity, mean_token_accuracy, examples, tokens over the conversations."""
+                   device, spec=None) -> dict:
+    """loss, perplexity, mean_token_accuracy, examples, tokens over the conversations; `spec` (a
+    LoopSpec): the training's memory settings, e.g. the loss in chunks instead of full logits."""
     from phitune.train.distributed import Dist
     from phitune.train.loop import evaluate
 
@@ -87,7 +88,7 @@ def teacher_forced(model, tokenizer, conversations: Sequence[Sequence[dict]], ma
     if not encoded:
         return {"loss": float("nan"), "perplexity": float("nan"), "mean_token_accuracy": float("nan"),
                 "examples": 0, "tokens": 0}
-    out = evaluate(model, encoded, max(1, int(batch_size)), Dist(device=device))
+    out = evaluate(model, encoded, max(1, int(batch_size)), Dist(device=device), spec=spec)
     return {"loss": out["loss"], "perplexity": math.exp(min(out["loss"], 50.0)),
             "mean_token_accuracy": out["mean_token_accuracy"], "examples": len(encoded), "tokens": out["tokens"]}
 
@@ -120,7 +121,7 @@ def generate_replies(generator, pairs: Sequence[tuple], max_new_tokens: int, pro
 
 def run_suite(model, tokenizer, conversations: Sequence[Sequence[dict]], context_length: int, *,
               max_seq_len: Optional[int] = None, batch_size: int = 8, generation_limit: Optional[int] = 16,
-              max_new_tokens: int = 64, device=None, progress: bool = False) -> EvalResult:
+              max_new_tokens: int = 64, device=None, progress: bool = False, spec=None) -> EvalResult:
     """Teacher-forced metrics on every conversation, generation metrics on the first
     `generation_limit` that have an assistant turn to predict."""
     import torch
@@ -134,7 +135,7 @@ def run_suite(model, tokenizer, conversations: Sequence[Sequence[dict]], context
         pairs = pairs[: max(0, int(generation_limit))]
     generator = ChatGenerator(model, tokenizer, int(context_length))
     with cpu_threads_for(model, device):
-        metrics = teacher_forced(model, tokenizer, conversations, max_len, batch_size, device)
+        metrics = teacher_forced(model, tokenizer, conversations, max_len, batch_size, device, spec)
         with torch.inference_mode():
             replies = generate_replies(generator, pairs, max_new_tokens, progress)
     done = [(p, r) for p, r in zip(pairs, replies) if r is not None]
