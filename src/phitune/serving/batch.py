@@ -157,10 +157,13 @@ class BatchDecoder:
             logits = self._forward(ids, self.cache, [s.adapter for s in self.rows], position_ids=positions,
                                    attention_mask=attention)
         self.mask = mask
+        last = logits[:, -1].float()
+        # Greedy rows: one argmax over the batch instead of one per row (the same token as _sample's).
+        greedy = last[:, : self.g.n_tokens].argmax(-1).tolist()
         out = []
         for i, seq in enumerate(self.rows):
             seq.n_cached += 1
-            out.append((seq, seq.sample(logits[i, -1])))
+            out.append((seq, seq.push(greedy[i]) if seq.temperature == 0 else seq.sample(last[i])))
         return out
 
     def leave(self, gone) -> None:
