@@ -57,10 +57,9 @@ def pruner_spec(conf) -> dict:
     if name == "none":
         return common
     common["finish_from"] = _fraction(conf, "finish_from", upper=1.0)
-    if bool(_value(conf, "same_length")):
-        if name not in _SAME_LENGTH_APPLIES:
-            raise PhituneError(f"hydra.sweeper.pruner.same_length=true: works with {', '.join(_SAME_LENGTH_APPLIES)}, "
-                               f"not {name}")
+    # As warmup, a setting of the pruners it applies to: `pruner.name=hyperband` on the command
+    # line works on top of sweeps/default.yaml's same_length.
+    if name in _SAME_LENGTH_APPLIES and bool(_value(conf, "same_length")):
         common["same_length"] = True
     if name in _WARMUP_APPLIES:
         common["warmup"] = _fraction(conf, "warmup", zero_ok=True, upper=1.0)
