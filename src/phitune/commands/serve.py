@@ -209,8 +209,8 @@ def _run(args) -> int:
         from phitune.serving.traces import Tracer
 
         tracer = Tracer(tracking_uri, args.trace_sample, args.trace_experiment, args.log_request_content)
-    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, tracer, classifier=classifier,
-                    models=models)
+    app = build_app(generator, key, settings, prompt_filter, completion_filter, request_log, tracer,
+                    classifier=classifier, models=models)
 
     sock = bind(args.host, args.port)
     warn_if_exposed(args.host)

@@ -120,8 +120,8 @@ def registered_uris(name: str, tracking_uri: str) -> list[str]:
     """models:/NAME@ALIAS for every alias of a registered model (sorted by alias)."""
     from phitune.models.uri import _mlflow_call, client_for
 
-    model = _mlflow_call(f"--registered {name}: no registered model {name!r}", client_for(tracking_uri).get_registered_model,
-                         name)
+    client = client_for(tracking_uri)
+    model = _mlflow_call(f"--registered {name}: no registered model {name!r}", client.get_registered_model, name)
     if not model.aliases:
         raise PhituneError(f"--registered {name}: no version of {name!r} has an alias (set one with `phitune promote` "
                            "or MlflowClient.set_registered_model_alias), or name versions as models:/NAME/VERSION")
@@ -176,7 +176,7 @@ class ModelSet:
     def pick(self, name: Optional[str]) -> Optional[Entry]:
         """The entry for a request's `model` (None: the only model, when one is served)."""
         if name is None:
-            return next(iter(self._entries.values())) if self.single else None
+            return next(iter(self._entries.values())) if len(self._entries) == 1 else None
         return self._entries.get(name)
 
     def records(self) -> list[dict]:
