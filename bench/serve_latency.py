@@ -1,24 +1,24 @@
-"""Latency and throughput of `phitune serve` against `mlflow models serve` on one registered model.
+"""Latency and throughput of `phitune serve` (batched and one at a time) against `mlflow models serve`.
 
     python bench/serve_latency.py                       # trains + registers a tiny model in a temp dir
     python bench/serve_latency.py --tracking-uri sqlite:///mlruns/mlflow.db --model models:/support-bot@champion
-    python bench/serve_latency.py --content-filter off  # phitune without its content filter
+    python bench/serve_latency.py --clients 1 8 --content-filter off
 
-Both servers load the same MLflow model (base.json + LoRA adapter) and get the same
-requests: greedy decoding (temperature 0), `--max-tokens` per answer, questions from
-data/support_valid.jsonl in turn, over loopback HTTP.
+Three servers load the same MLflow model (base.json + LoRA adapter): `phitune serve
+--max-batch 8` (requests that arrive together decode together), `phitune serve
+--max-batch 1` (one generation at a time, the engine before batching) and `mlflow models
+serve`. All get the same requests: greedy decoding (temperature 0), `--max-tokens` per
+answer, questions from data/support_valid.jsonl in turn, over loopback HTTP; phitune's
+answers are streamed (so the time to the first token is real; MLflow's pyfunc server
+cannot stream, its first token comes with the answer).
 
-  sequential   --requests requests, one after another (50)
-  concurrent   --clients client threads (8), each sending --per-client requests (6)
-
-The two servers are measured interleaved (turn by turn, see measure()), so that a
-machine whose load changes during the run treats both alike.
-
-Per server: p50 and p95 latency (ms), and generated tokens per second (completion tokens
-from `usage`; sequential: summed over the time spent in requests; concurrent: over the
-phase's wall time). The ratios are phitune / mlflow: latency < 1 and tokens/s > 1 mean
-phitune is faster. The concurrent phase also counts answers that differ from the same
-question's sequential (greedy) answer: a server must not mix up concurrent requests.
+For each concurrency level (--clients, default 1 4 8): rounds of that many simultaneous
+requests, one server per round, the servers' order rotating, until each server has
+answered --requests (24). Per server and level: p50 and p95 latency (ms), p50 time to
+first token, and completion tokens per second (from `usage`, over the summed wall time of
+the server's rounds). The ratios are batched / one-at-a-time and batched / mlflow:
+latency < 1 and tokens/s > 1 mean batched is faster. Each level also counts answers that
+differ from the one-at-a-time server's single-client (greedy) answer to the same question.
 
 Both servers are started here and stopped by PID at the end (their process groups),
 whatever happens. Nothing leaves the loopback interface.
@@ -132,8 +132,9 @@ class Server:
 ERRORS: dict = {}  # server URL -> [error text, ...]
 
 
-def call(url: str, body: dict, headers: dict) -> tuple[float, int, str | None]:
-    """(seconds, completion tokens, text) of one request; text None (and the error kept) when it failed."""
+def call(url: str, body: dict, headers: dict) -> tuple[float, float, int, str | None]:
+    """(seconds, seconds to the first token, completion tokens, text) of one plain request; text None
+    (and the error kept) when it failed. Without streaming the first token arrives with the answer."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json", **headers})
     t0 = time.perf_counter()
@@ -142,9 +143,39 @@ def call(url: str, body: dict, headers: dict) -> tuple[float, int, str | None]:
             reply = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         ERRORS.setdefault(url, []).append(f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:3000]}")
-        return time.perf_counter() - t0, 0, None
+        return time.perf_counter() - t0, 0.0, 0, None
     dt = time.perf_counter() - t0
-    return dt, int(reply["usage"]["completion_tokens"]), reply["choices"][0]["message"]["content"] or ""
+    return dt, dt, int(reply["usage"]["completion_tokens"]), reply["choices"][0]["message"]["content"] or ""
+
+
+def call_stream(url: str, body: dict, headers: dict) -> tuple[float, float, int, str | None]:
+    """The same, streamed (server-sent events, usage in the last chunk): the first token's time is real."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **headers})
+    t0, first, tokens, parts = time.perf_counter(), None, 0, []
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    raise RuntimeError(json.dumps(obj)[:3000])
+                for choice in obj.get("choices", []):
+                    if choice["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        parts.append(choice["delta"]["content"])
+                if obj.get("usage"):
+                    tokens = int(obj["usage"]["completion_tokens"])
+    except (urllib.error.HTTPError, RuntimeError) as exc:
+        detail = f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:3000]}" if isinstance(
+            exc, urllib.error.HTTPError) else str(exc)
+        ERRORS.setdefault(url, []).append(detail)
+        return time.perf_counter() - t0, 0.0, 0, None
+    dt = time.perf_counter() - t0
+    return dt, (first or time.perf_counter()) - t0, tokens, "".join(parts)
 
 
 def pct(values: list, q: float) -> float:
@@ -154,53 +185,50 @@ def pct(values: list, q: float) -> float:
 
 
 class Target:
-    def __init__(self, name: str, url: str, headers: dict):
+    def __init__(self, name: str, url: str, headers: dict, stream: bool):
         self.name, self.url, self.headers = name, url, headers
-        self.seq: list = []  # (seconds, tokens, text) per sequential request
-        self.conc: list = []  # (question index, (seconds, tokens, text)) per concurrent request
-        self.conc_wall = 0.0
+        self.call = call_stream if stream else call
+        self.results: dict = {}  # clients -> [(question index, (seconds, ttft, tokens, text)), ...]
+        self.wall: dict = {}  # clients -> summed wall seconds of its rounds
 
 
 def measure(targets: list, qs: list, args) -> None:
-    """Interleaved, so that both servers see the same machine: this one is shared, and its
-    load moves by the minute. Sequential: the servers take turns request by request (who goes
-    first alternates). Concurrent: rounds of `clients` simultaneous requests, one server per
-    round, alternating; tokens/s is over the summed wall time of a server's rounds."""
+    """Rounds of `clients` simultaneous requests (1, 4, 8 by default), one server per round, the
+    servers' order rotating round by round, so that all see the same machine: this one is shared,
+    and its load moves by the minute. tokens/s is over the summed wall time of a server's rounds."""
     def body(i):
         return {"messages": qs[i % len(qs)], "max_tokens": args.max_tokens, "temperature": 0.0}
 
     for t in targets:
         for i in range(3):  # warm-up
-            call(t.url, body(i), t.headers)
-    for i in range(args.requests):
-        for t in (targets if i % 2 == 0 else targets[::-1]):
-            t.seq.append(call(t.url, body(i), t.headers))
-    print("  sequential: done", file=sys.stderr, flush=True)
-    with ThreadPoolExecutor(args.clients) as pool:
-        for r in range(args.per_client):
-            for t in (targets if r % 2 == 0 else targets[::-1]):
-                ids = range(r * args.clients, (r + 1) * args.clients)
-                t0 = time.perf_counter()
-                t.conc.extend(pool.map(lambda i, t=t: (i, call(t.url, body(i), t.headers)), ids))
-                t.conc_wall += time.perf_counter() - t0
-    print("  concurrent: done", file=sys.stderr, flush=True)
+            t.call(t.url, body(i), t.headers)
+    with ThreadPoolExecutor(max(args.clients)) as pool:
+        for n in args.clients:
+            rounds = max(1, -(-args.requests // n))  # at least --requests answers per server and level
+            for r in range(rounds):
+                k = r % len(targets)
+                for t in targets[k:] + targets[:k]:
+                    ids = range(r * n, (r + 1) * n)
+                    t0 = time.perf_counter()
+                    t.results.setdefault(n, []).extend(
+                        pool.map(lambda i, t=t: (i, t.call(t.url, body(i), t.headers)), ids))
+                    t.wall[n] = t.wall.get(n, 0.0) + time.perf_counter() - t0
+            print(f"  {n} client(s): done", file=sys.stderr, flush=True)
 
 
-def summary(t: Target, n_questions: int) -> dict:
-    expected = {i % n_questions: text for i, (_, _, text) in enumerate(t.seq)}
-    seq_lat = [dt for dt, _, _ in t.seq]
-    conc_lat = [dt for _, (dt, _, _) in t.conc]
+def summary(t: Target, n: int, expected: dict, n_questions: int) -> dict:
+    rows = t.results[n]
+    lat = [dt for _, (dt, _, _, _) in rows]
     return {
-        "server": t.name,
-        "seq_p50_ms": 1000 * statistics.median(seq_lat), "seq_p95_ms": 1000 * pct(seq_lat, 95),
-        "seq_tok_s": sum(n for _, n, _ in t.seq) / sum(seq_lat),
-        "conc_p50_ms": 1000 * statistics.median(conc_lat), "conc_p95_ms": 1000 * pct(conc_lat, 95),
-        "conc_tok_s": sum(n for _, (_, n, _) in t.conc) / t.conc_wall,
-        "mean_tokens": statistics.mean(n for _, n, _ in t.seq),
-        "mixed_up": sum(1 for i, (_, _, text) in t.conc if text is not None and text != expected[i % n_questions]),
-        "failed": sum(1 for _, _, text in t.seq if text is None) + sum(1 for _, (_, _, text) in t.conc if text is None),
+        "server": t.name, "clients": n,
+        "p50_ms": 1000 * statistics.median(lat), "p95_ms": 1000 * pct(lat, 95),
+        "ttft_p50_ms": 1000 * statistics.median(ft for _, (_, ft, _, _) in rows),
+        "tok_s": sum(k for _, (_, _, k, _) in rows) / t.wall[n],
+        "mean_tokens": statistics.mean(k for _, (_, _, k, _) in rows),
+        "differ": sum(1 for i, (*_, text) in rows if text is not None and text != expected[i % n_questions]),
+        "failed": sum(1 for _, (*_, text) in rows if text is None),
+        "requests": len(rows),
         "errors": ERRORS.get(t.url, [])[:3],
-        "concurrent_requests": len(t.conc),
     }
 
 
@@ -216,17 +244,24 @@ def machine() -> str:
             f"torch {torch.__version__}, load average at start {os.getloadavg()[0]:.1f}")
 
 
+def phitune_server(name: str, model: str, uri: str, port: int, max_batch: int, args, env, tmp: Path) -> Server:
+    return Server(name, [str(BIN / "phitune"), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+                         "--tracking-uri", uri, "--log-level", "warning", "--content-filter", args.content_filter,
+                         "--timeout", "600", "--max-queue", "64", "--max-batch", str(max_batch)],
+                  env, f"http://127.0.0.1:{port}/health", tmp / f"phitune-{max_batch}.log")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", help="an existing store (with --model); default: train a tiny model in a temp dir")
     p.add_argument("--model", help="registered model URI, e.g. models:/support-bot@champion")
-    p.add_argument("--requests", type=int, default=50)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--per-client", type=int, default=6)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels (default: 1 4 8)")
+    p.add_argument("--requests", type=int, default=24, help="answers per server and level, at least (default: 24)")
+    p.add_argument("--max-batch", type=int, default=8, help="phitune serve --max-batch of the batched server")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--content-filter", default="local", choices=["local", "off"], help="phitune serve's filter")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per server, set for both through OMP_NUM_THREADS (default 1: a tiny model "
+                   help="torch threads per server, set for all through OMP_NUM_THREADS (default 1: a tiny model "
                         "gains nothing from more, and on a busy machine 2+ OpenMP threads per process stall each other)")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (model store, server logs)")
@@ -246,53 +281,57 @@ def main() -> int:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "PHITUNE_API_KEY": KEY, "PHITUNE_DEPLOYMENTS_DIR": str(tmp / "deployments"),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    pp, mp = free_port(), free_port()
+    bp, op, mp = free_port(), free_port(), free_port()
+    auth = {"Authorization": f"Bearer {KEY}"}
     servers = []
     try:
-        phitune = Server("phitune serve", [str(BIN / "phitune"), "serve", model, "--host", "127.0.0.1", "--port", str(pp),
-                                           "--tracking-uri", uri, "--log-level", "warning", "--content-filter",
-                                           args.content_filter, "--timeout", "600", "--max-queue", "64"],
-                         env, f"http://127.0.0.1:{pp}/health", tmp / "phitune.log")
-        servers.append(phitune)
-        phitune.wait_ready()
-        mlflow_srv = Server("mlflow models serve", [str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager",
-                                                    "local", "-h", "127.0.0.1", "-p", str(mp), "-w", "1"],
-                            env, f"http://127.0.0.1:{mp}/ping", tmp / "mlflow.log")
-        servers.append(mlflow_srv)
-        mlflow_srv.wait_ready()
+        for s in (phitune_server("phitune batched", model, uri, bp, args.max_batch, args, env, tmp),
+                  phitune_server("phitune one-at-a-time", model, uri, op, 1, args, env, tmp),
+                  Server("mlflow models serve", [str(BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager",
+                                                 "local", "-h", "127.0.0.1", "-p", str(mp), "-w", "1"],
+                         env, f"http://127.0.0.1:{mp}/ping", tmp / "mlflow.log")):
+            servers.append(s)
+            s.wait_ready()
         qs = questions()
-        print(f"measuring: {args.requests} sequential, {args.clients} clients x {args.per_client} concurrent, "
-              f"max_tokens {args.max_tokens}", file=sys.stderr, flush=True)
-        targets = [Target(f"phitune serve (filter {args.content_filter})", f"http://127.0.0.1:{pp}/v1/chat/completions",
-                          {"Authorization": f"Bearer {KEY}"}),
-                   Target("mlflow models serve", f"http://127.0.0.1:{mp}/invocations", {})]
+        print(f"measuring: {args.clients} clients, >= {args.requests} answers each, max_tokens {args.max_tokens}",
+              file=sys.stderr, flush=True)
+        targets = [Target(f"phitune --max-batch {args.max_batch}", f"http://127.0.0.1:{bp}/v1/chat/completions", auth, True),
+                   Target("phitune --max-batch 1", f"http://127.0.0.1:{op}/v1/chat/completions", auth, True),
+                   Target("mlflow models serve", f"http://127.0.0.1:{mp}/invocations", {}, False)]
         measure(targets, qs, args)
-        a, b = (summary(t, len(qs)) for t in targets)
+        # reference: the one-at-a-time server's answers with one client (greedy: one answer per question)
+        expected = {i % len(qs): text for i, (*_, text) in targets[1].results[args.clients[0]]}
+        table = [[summary(t, n, expected, len(qs)) for t in targets] for n in args.clients]
     finally:
         for s in servers:
             s.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [("sequential p50 latency (ms)", "seq_p50_ms"), ("sequential p95 latency (ms)", "seq_p95_ms"),
-            ("sequential tokens/s", "seq_tok_s"), (f"{args.clients} clients p50 latency (ms)", "conc_p50_ms"),
-            (f"{args.clients} clients p95 latency (ms)", "conc_p95_ms"), (f"{args.clients} clients tokens/s", "conc_tok_s")]
     where += f"; load average at the end {os.getloadavg()[0]:.1f}"
-    print(f"\n{model}, greedy, max_tokens {args.max_tokens} (mean {a['mean_tokens']:.1f} tokens per answer), "
-          f"{args.threads} torch thread(s) per server\n{where}\n")
-    print(f"| | {a['server']} | {b['server']} | ratio phitune/mlflow |\n|---|---:|---:|---:|")
-    for label, key in rows:
-        print(f"| {label} | {a[key]:.1f} | {b[key]:.1f} | {a[key] / b[key]:.2f} |")
-    print(f"| concurrent answers that differ from the sequential greedy answer | {a['mixed_up']}/{a['concurrent_requests']} "
-          f"| {b['mixed_up']}/{b['concurrent_requests']} | |")
-    n_all = args.requests + a["concurrent_requests"]
-    print(f"| failed requests | {a['failed']}/{n_all} | {b['failed']}/{n_all} | |")
-    for r in (a, b):
+    mean = statistics.mean(r["mean_tokens"] for row in table for r in row)
+    print(f"\n{model}, greedy, max_tokens {args.max_tokens} (mean {mean:.1f} tokens per answer), "
+          f"{args.threads} torch thread(s) per server, phitune answers streamed\n{where}\n")
+    names = [r["server"] for r in table[0]]
+    print("| clients | figure | " + " | ".join(names) + " | batched / one-at-a-time | batched / mlflow |")
+    print("|---:|---|" + "---:|" * (len(names) + 2))
+    for row in table:
+        b, o, m = row
+        for label, key in (("p50 latency (ms)", "p50_ms"), ("p95 latency (ms)", "p95_ms"),
+                           ("time to first token p50 (ms)", "ttft_p50_ms"), ("completion tokens/s", "tok_s")):
+            print(f"| {b['clients']} | {label} | " + " | ".join(f"{r[key]:.1f}" for r in row)
+                  + f" | {b[key] / o[key]:.2f} | {b[key] / m[key]:.2f} |")
+        print(f"| {b['clients']} | answers unlike the one-at-a-time greedy answer | "
+              + " | ".join(f"{r['differ']}/{r['requests']}" for r in row) + " | | |")
+        if any(r["failed"] for r in row):
+            print(f"| {b['clients']} | failed requests | " + " | ".join(f"{r['failed']}/{r['requests']}" for r in row)
+                  + " | | |")
+    for r in table[-1]:
         for err in r["errors"]:
             print(f"  {r['server']}: {err[:300]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": where, "model": model, "args": vars(args),
-                                               "results": [a, b]}, indent=2))
+                                               "results": table}, indent=2))
     return 0
 
 
