@@ -55,6 +55,10 @@ for pct in (25.0, 50.0, 75.0):
 # The same, each trial compared only with trials of its own planned length (pruner.same_length).
 for name in [n for n, c in CANDIDATES.items() if c["name"] in ("successive_halving", "percentile")]:
     CANDIDATES[name + "_sl"] = dict(CANDIDATES[name], same_length=True)
+# Explicit, so that bench/sweep_pruning.py (on top of sweeps/default.yaml) runs what is replayed here.
+for c in CANDIDATES.values():
+    c.setdefault("finish_from", 1.0)
+    c.setdefault("same_length", False)
 
 
 def load_reference(db: Path) -> list:

@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# On top of sweeps/default.yaml (the `default` label uses it unchanged).
+# On top of sweeps/default.yaml (the `default` label uses it unchanged; same_length and
+# finish_from come from there unless a preset sets them).
 PRUNERS = {
     # Reports every 0.1 epoch without pruning: the curves bench/prune_replay.py replays offline
     # (the extra evaluations on 16 examples cost CPU seconds, not training tokens).
@@ -55,9 +56,11 @@ PRUNERS = {
                    "hydra.sweeper.pruner.n_startup_trials=3", "hydra.sweeper.pruner.warmup=0.1"],
     "successive_halving": ["hydra.sweeper.pruner.name=successive_halving", "hydra.sweeper.pruner.reduction_factor=3"],
     "hyperband": ["hydra.sweeper.pruner.name=hyperband", "hydra.sweeper.pruner.reduction_factor=3"],
-    # Successive halving from 0.9 epoch on (sweeps/default.yaml): rungs at 0.9 and 2.7 epochs.
+    # Successive halving from 0.9 epoch on (sweeps/default.yaml before same_length): rungs at 0.9
+    # and 2.7 epochs, every trial against every trial.
     "sh_late": ["hydra.sweeper.pruner.name=successive_halving", "hydra.sweeper.pruner.reduction_factor=3",
-                "hydra.sweeper.pruner.report_every=0.9"],
+                "hydra.sweeper.pruner.report_every=0.9", "hydra.sweeper.pruner.same_length=false",
+                "hydra.sweeper.pruner.finish_from=1.0"],
     "wilcoxon": ["hydra.sweeper.pruner.name=wilcoxon", "hydra.sweeper.pruner.p_threshold=0.1",
                  "hydra.sweeper.pruner.warmup=0.1"],
 }
