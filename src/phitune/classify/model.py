@@ -34,6 +34,11 @@ class PackedClassifier(torch.nn.Module):
         m = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return getattr(m, m.base_model_prefix), getattr(m, HEAD)
 
+    def get_decoder(self):
+        """The backbone, whose `layers` train.compile=true compiles (phitune.modeling.loader.compile_layers),
+        as it does a causal LM's."""
+        return self.parts()[0]
+
     def forward(self, input_ids, last, position_ids=None, attention_mask=None):
         """[examples, classes] logits. A packed row: input_ids [1, T], `last` [B] positions in it;
         padded rows: input_ids [B, L] with attention_mask, `last` [B] the last real token per row."""
