@@ -96,3 +96,57 @@ def test_logged_pyfunc_predicts_labels_and_probabilities(classified):
     assert list(out.columns) == ["label", "scores"] and len(out) == 2
     scores = json.loads(out["scores"][0])
     assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5) and out["label"][0] == max(scores, key=scores.get)
+
+
+def _promote(classified, capsys, *args):
+    from phitune.cli import main
+
+    rc = main(["promote", "--tracking-uri", classified["uri"], "--run", classified["run"].info.run_id, *args])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    return out
+
+
+def _classifies(uri: str) -> None:
+    import pandas as pd
+
+    out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"input": ["Where is my order #123456?"]}))
+    scores = json.loads(out["scores"][0])
+    assert out["label"][0] in scores and sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_promote_registers_a_kept_epochs_classifier_that_loads_and_classifies(classified, capsys, tmp_path):
+    """--checkpoint 1, best, last on the real run: the version is the epoch's own LoggedModel."""
+    from phitune.classify.serving import load_classifier
+    from phitune.models.uri import resolve
+
+    client, rid, uri = classified["client"], classified["run"].info.run_id, classified["uri"]
+    mlflow.set_registry_uri(uri)
+    out = _promote(classified, capsys, "--name", "tickets", "--checkpoint", "1")
+    assert f"run {rid}, epoch-001" in out and "@champion -> tickets version 1" in out
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED"
+    models = {client.get_logged_model(o.model_id).name: o.model_id for o in run.outputs.model_outputs}
+    # the files went into epoch 1's LoggedModel from training: no second model of that name
+    assert sorted(models) == ["checkpoint-epoch-001", "checkpoint-epoch-002", "model"]
+    assert len(run.outputs.model_outputs) == 3
+    v1 = client.get_model_version("tickets", "1")
+    assert v1.source == f"models:/{models['checkpoint-epoch-001']}" and v1.tags["phitune.checkpoint"] == "epoch-001"
+    e1 = json.loads((sorted((classified["tmp"] / "ckpt").glob("epoch-001"))[0] / "state.json").read_text())
+    assert float(v1.tags["metric.full_valid_macro_f1"]) == pytest.approx(e1["epoch_metrics"][0]["full_valid_macro_f1"])
+    _classifies("models:/tickets/1")
+    served = load_classifier(resolve("models:/tickets@champion", uri, tmp_path / "m"))  # what phitune serve loads
+    assert served is not None and served.labels == json.loads(
+        (classified["tmp"] / "ckpt" / "epoch-001" / "adapter" / "labels.json").read_text())["labels"]
+
+    final = run.data.metrics["full_valid_macro_f1"]
+    out = _promote(classified, capsys, "--name", "tickets", "--checkpoint", "best")
+    assert "best of 2 candidate(s) by full_valid_macro_f1 (higher is better)" in out
+    best = "1" if float(v1.tags["metric.full_valid_macro_f1"]) > final else "2"  # a tie: the final model (first)
+    assert str(client.get_registered_model("tickets").aliases["champion"]) == best
+
+    out = _promote(classified, capsys, "--name", "tickets-last", "--checkpoint", "last")
+    assert f"run {rid}, final model" in out
+    last = client.get_model_version("tickets-last", "1")
+    assert last.source == f"models:/{models['model']}"
+    _classifies("models:/tickets-last/1")

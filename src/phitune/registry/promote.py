@@ -222,10 +222,7 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
     status = client.get_run(run_id).info.status
     print(f"logging {cand.checkpoint} of run {run_id} as the MLflow model {name} (loads it once to check it)",
           file=sys.stderr)
-    from phitune.tasks import TASK_TAG
-
-    chat = run.data.tags.get(TASK_TAG) != "classification"
-    if not (chat and epoch_model):  # a new LoggedModel, linked to the run: MLflow wants it active
+    if not epoch_model:  # a new LoggedModel, linked to the run: MLflow wants it active
         mlflow.start_run(run_id=run_id)
     mlflow_logger = logging.getLogger("mlflow")
     level = mlflow_logger.level
@@ -233,7 +230,7 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
         mlflow_logger.setLevel(logging.ERROR)  # CloudPickle / ChatParams notices of every pyfunc log
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # ChatModel's deprecation in MLflow 3
-            info = _log_model_of_task(run, base, adapter, name, cand.metrics, epoch_model if chat else None)
+            info = _log_model_of_task(run, base, adapter, name, cand.metrics, epoch_model)
     finally:
         mlflow_logger.setLevel(level)
         if mlflow.active_run() is not None:
@@ -242,18 +239,16 @@ def checkpoint_model_uri(client, cand: Candidate, workdir: Path) -> str:
 
 
 def _log_model_of_task(run, base: dict, adapter: Path, name: str, metrics: dict, model_id: Optional[str] = None):
-    """The checkpoint as the MLflow model its run's task logs (chat, or a classifier); a chat
-    model carries the epoch's metrics (metrics.json) at the epoch's step, or goes into the
-    epoch's LoggedModel `model_id` that training made."""
+    """The checkpoint as the MLflow model its run's task logs (chat, or a classifier), with the
+    epoch's metrics (metrics.json) at the epoch's step, or into the epoch's LoggedModel
+    `model_id` that training made."""
     from phitune.tasks import TASK_TAG
 
     if run.data.tags.get(TASK_TAG) == "classification":
-        from phitune.classify.pyfunc import log_classifier_model
-
-        return log_classifier_model(dict(base, task="classification"), adapter, name=name)
-    from phitune.tracking.pyfunc_model import log_chat_model
-
-    return log_chat_model(base, adapter, name=name, metrics=metrics, step=metrics.get("step"), model_id=model_id)
+        from phitune.classify.pyfunc import log_classifier_model as log
+    else:
+        from phitune.tracking.pyfunc_model import log_chat_model as log
+    return log(base, adapter, name=name, metrics=metrics, step=metrics.get("step"), model_id=model_id)
 
 
 def version_tags(cand: Candidate, metric: str, parent_id: Optional[str]) -> dict:
