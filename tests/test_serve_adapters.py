@@ -225,6 +225,19 @@ def test_served_name_with_several_models_is_a_message(registry, versions, capsys
     assert "--served-name" in err and "Traceback" not in err
 
 
+def test_registered_serves_every_alias(registry, versions, capsys):
+    from phitune.cli import main
+    from phitune.errors import PhituneError
+    from phitune.serving.models import registered_uris
+
+    assert set(registered_uris(MODEL, registry.uri)) == {f"models:/{CHAMPION}", f"models:/{CHALLENGER}"}
+    registry.client.create_registered_model("no-aliases")
+    with pytest.raises(PhituneError, match="has an alias"):
+        registered_uris("no-aliases", registry.uri)
+    assert main(["serve", "--tracking-uri", registry.uri]) == 1
+    assert "give a MODEL_URI" in capsys.readouterr().err
+
+
 def test_adapters_of_different_bases_are_refused(tmp_path):
     from phitune.errors import PhituneError
     from phitune.models.uri import ModelSource

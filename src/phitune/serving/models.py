@@ -136,7 +136,7 @@ class ModelSet:
 
     def __init__(self, generator, entries: list[Entry], single: bool = False, tracking_uri: Optional[str] = None):
         self.generator, self.tracking_uri = generator, tracking_uri
-        self.single = single  # one model: a request naming no model gets it
+        self.single = single  # one MODEL_URI, under the one name `phitune serve` always gave it
         self.lock = threading.Lock()
         self._entries = {e.name: e for e in entries}
         self._loaded = {e.loaded.key: e.loaded for e in entries}
