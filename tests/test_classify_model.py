@@ -197,8 +197,9 @@ def _compiled(model) -> list[bool]:
 @pytest.mark.parametrize("setting", ["true", "false"])
 def test_train_compile_compiles_the_classifiers_decoder_layers(repo_root, tiny_model_dir, tmp_path, setting):
     """The recipe's set-up with train.compile: each backbone layer is marked for torch.compile
-    (compiling itself happens at the first forward pass: ~200 CPU-seconds for the tiny model
-    on a loaded 2-core machine, too slow for a test; its losses then equal eager's within 3e-7)."""
+    (compiling itself happens at the first forward pass: ~3 CPU-minutes, 5 min wall, for the
+    tiny model on a loaded 2-core machine, too slow for a test; its losses then equal eager's
+    within 3e-7)."""
     from hydra import compose, initialize_config_dir
 
     import phitune.config  # noqa: F401
