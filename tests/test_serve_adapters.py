@@ -9,6 +9,7 @@ name answering alike).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import openai
 import pytest
 
 from phitune import deployments
+from phitune.serving.engine import Engine, GenParams
 from test_serve import ASK, KEY, MODEL, app_server, assert_openai_error, client, post, registry  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -177,6 +179,24 @@ def test_one_at_a_time_path_activates_the_requested_adapter(registry, versions):
     for version in ("2", "1", "2"):
         adapter = models.pick(f"{MODEL}/{version}").adapter
         assert models.generator.generate(ASK, MAX_TOKENS, 0.0, adapter=adapter)["text"] == versions[version]
+    # The same through the one-at-a-time engine (`--max-batch 1`): each job's adapter, not the last one set.
+    engine = Engine(models.generator, max_batch=1)
+    try:
+        for version in ("2", "1"):
+            params = GenParams(ASK, MAX_TOKENS, 0.0, 1.0, [], None, stream=False,
+                               adapter=models.pick(f"{MODEL}/{version}").adapter)
+            assert asyncio.run(_engine_answer(engine, params)) == versions[version]
+    finally:
+        engine.close()
+
+
+async def _engine_answer(engine, params) -> str:
+    job = engine.submit(params)
+    while True:
+        kind, payload = await job.next_event()
+        assert kind in ("start", "done"), (kind, payload)
+        if kind == "done":
+            return payload["text"]
 
 
 # ------------------------------------------------------------------ --follow (last: it moves @champion)

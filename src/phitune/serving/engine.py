@@ -171,7 +171,8 @@ class Engine:
             return
         n_prompt = len(prompt)
         try:
-            tokens = g.stream(p.messages, p.max_tokens or self.default_max_tokens, p.temperature, p.top_p, p.stop, p.seed)
+            tokens = g.stream(p.messages, p.max_tokens or self.default_max_tokens, p.temperature, p.top_p, p.stop, p.seed,
+                             adapter=p.adapter)
         except PhituneError as exc:
             job.emit("error", APIError(400, str(exc), param=None, code="invalid_value"))
             return
