@@ -70,6 +70,7 @@ class Job:
 
 def _quiet_libraries() -> None:
     """Keep the console for phitune's own progress: no per-shard bars or known-noise warnings."""
+    import logging
     import warnings
 
     import transformers
@@ -79,6 +80,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # "Downloading artifacts" bars
     warnings.filterwarnings("ignore", message=".*dataset source can be interpreted in multiple ways.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # MLflow's PostgreSQL store inserts a batch, catches the duplicate-key error of a value logged
+    # before and writes row by row; psycopg then warns "error ignored terminating <Pipeline>" on
+    # every trial. Its real errors still raise.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 def run(cfg, overrides: list[str] | None = None):
