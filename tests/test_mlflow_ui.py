@@ -48,8 +48,17 @@ def test_trial_run_names_say_what_the_trial_tried_and_how_it_ended():
     params = {"train.learning_rate_multiplier": 4.6312, "train.batch_size_multiplier": 1, "train.epochs": 2}
     assert trial_run_name(3, params) == "trial-3 lr×4.6 bs×1 ep=2"
     assert trial_run_name(3, params, "pruned", 8) == "trial-3 pruned@8 lr×4.6 bs×1 ep=2"
+    # train.py's trials report at training tokens: the name says tokens, not a step count.
+    assert trial_run_name(3, params, "pruned", 6568, tokens=True) == "trial-3 pruned@6.6k-tok lr×4.6 bs×1 ep=2"
     assert trial_run_name(3, params, "complete", 8, best=True) == "trial-3 ★ best lr×4.6 bs×1 ep=2"
     assert trial_run_name(0, {"train.lora.rank": 8, "+w": 0.25}) == "trial-0 r=8 w=0.25"
+
+
+def test_a_pruned_trial_line_says_how_far_it_trained():
+    from phitune.sweep.progress import outcome_line
+
+    assert outcome_line(4, "pruned", 5.3216, step=6568, tokens=True) == "  trial 4 pruned at 6,568 tokens (last report 5.322)"
+    assert outcome_line(0, "pruned", 1.0214, step=1) == "  trial 0 pruned at step 1 (last report 1.021)"
 
 
 def _study(n_complete: int, n_pruned: int):

@@ -29,6 +29,7 @@ from phitune.errors import PhituneError
 from phitune.sweep import contract, cost, devices, pruning
 from phitune.sweep import space as sp
 from phitune.sweep import study as st
+from phitune.sweep.axis import REPORT_TOKENS_ATTR
 from phitune.sweep.heartbeat import Heartbeat
 from phitune.sweep.parent import ParentRun, STUDY_TAG, end_stray_fluent_run, trial_run_name
 from phitune.sweep.plan import SweepPlan, plan_sweep
@@ -574,10 +575,12 @@ class Sweep:
         if not self.phitune_app and value is not None:
             self.parent.log_objective(child, self._metric_names(), value if isinstance(value, list) else [value])
         frozen = self._frozen(trial.number)
-        self.parent.mark_child(child, label, trial_run_name(trial.number, trial.params, label, frozen.last_step))
+        tokens = REPORT_TOKENS_ATTR in frozen.user_attrs  # train.py's reports count tokens, not steps
+        self.parent.mark_child(child, label, trial_run_name(trial.number, trial.params, label, frozen.last_step,
+                                                            tokens=tokens))
         self._mark_best()
         shown = frozen.value if label == "pruned" else value  # a pruned trial's value: its last report
-        print(outcome_line(trial.number, label, shown, error, self.metric, frozen.last_step))
+        print(outcome_line(trial.number, label, shown, error, self.metric, frozen.last_step, tokens))
         counts = self._counts()
         print(progress_line(counts, self.n_trials, self.metric, st.best_trial(self.study), self._pareto_size()), flush=True)
 

@@ -40,13 +40,16 @@ SHARED_WRITE_BACKOFF_S = 0.05
 
 
 def trial_run_name(number: int, params: dict, state: str | None = None, step: int | None = None,
-                   best: bool = False) -> str:
-    """`trial-3 lr×4.6 bs×1`, `trial-2 pruned@8 lr×0.3 bs×2`, `trial-5 ★ best lr×1.2 bs×1`."""
+                   best: bool = False, tokens: bool = False) -> str:
+    """`trial-3 lr×4.6 bs×1`, `trial-2 pruned@8 lr×0.3 bs×2`, `trial-5 ★ best lr×1.2 bs×1`;
+    with tokens (steps that count training tokens) `trial-2 pruned@6.6k-tok lr×0.3 bs×2`."""
     parts = [f"trial-{number}"]
     if best:
         parts.append(BEST_MARK)
     if state in ("pruned", "failed", "killed"):
-        parts.append(f"pruned@{step}" if state == "pruned" and step is not None else state)
+        at = f"{step / 1000:.2g}k-tok" if tokens and step is not None and step >= 1000 else (
+            f"{step}-tok" if tokens else f"{step}")
+        parts.append(f"pruned@{at}" if state == "pruned" and step is not None else state)
     parts += [_short_param(k, v) for k, v in params.items()]
     return " ".join(parts)[:MAX_NAME_CHARS]
 

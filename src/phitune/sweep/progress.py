@@ -22,16 +22,17 @@ def progress_line(counts, n_trials: int, metric: str, best, pareto: int | None =
 
 
 def outcome_line(number: int, state: str, value: float | None = None, error: str | None = None, metric: str = "",
-                 step: int | None = None) -> str:
+                 step: int | None = None, tokens: bool = False) -> str:
     """One line about the trial that just ended, printed before the progress line.
 
-    A pruned trial's value is its last report (the job's valid_loss at `step`), not `metric`.
+    A pruned trial's value is its last report (the job's valid_loss at `step`), not `metric`;
+    tokens: its steps are training tokens (phitune's train.py), not the job's own step count.
     """
     if state == "complete" and isinstance(value, (list, tuple)):
         return f"  trial {number} complete: {metric} [{', '.join(f'{v:.4g}' for v in value)}]"
     if state == "complete":
         return f"  trial {number} complete: {metric} {value:.4g}"
     if state == "pruned":
-        where = f" at step {step}" if step is not None else ""
+        where = "" if step is None else f" at {step:,} tokens" if tokens else f" at step {step}"
         return f"  trial {number} pruned{where}" + (f" (last report {value:.4g})" if value is not None else "")
     return f"  trial {number} failed: {error}"
