@@ -40,7 +40,7 @@ def classified(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test left set
     (r,) = client.search_runs([client.get_experiment_by_name("phitune").experiment_id])
     return {"objective": objective, "run": r, "client": client, "tmp": tmp, "uri": uri}
 
