@@ -9,10 +9,7 @@ in another directory with phitune imported from the model's wheel, loads it and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -23,7 +20,7 @@ from packaging.requirements import Requirement
 
 from phitune.classify.pyfunc import log_classifier_model
 from phitune.modeling.loader import base_reference
-from test_logged_model import _download
+from test_logged_model import _download, load_in_fresh_process
 
 LABELS = ["billing", "shipping", "technical"]
 LOAD_AND_CLASSIFY = """
@@ -84,19 +81,8 @@ def test_base_is_shipped_not_an_absolute_path_and_the_card_says_classifier(logge
 def test_loads_and_classifies_elsewhere_after_the_original_folders_are_deleted(logged, tmp_path):
     for folder in (logged["base"], logged["adapter"], logged["art"]):  # nothing of the training side is left
         shutil.rmtree(folder)
-    (wheel,) = (logged["dir"] / "artifacts").glob("phitune-*.whl")
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(site), str(wheel)], check=True)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(PYTHONPATH=str(site), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_CLASSIFY, str(logged["dir"])], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["phitune"].startswith(str(site))  # the shipped phitune, not the source tree
+    out = load_in_fresh_process(logged["dir"], tmp_path, LOAD_AND_CLASSIFY)
+    assert out["phitune"].startswith(str(tmp_path / "site"))  # the shipped phitune, not the source tree
     assert out["label"] in LABELS and set(out["scores"]) == set(LABELS)
     assert sum(out["scores"].values()) == pytest.approx(1.0, abs=1e-5)
 

@@ -66,8 +66,9 @@ def _download(info, tmp_path) -> Path:
         mlflow.set_tracking_uri(None)
 
 
-def _chat_in_fresh_process(model_dir: Path, tmp_path: Path) -> dict:
-    """pip-install the model's phitune wheel (offline, no deps) and load the model from elsewhere."""
+def load_in_fresh_process(model_dir: Path, tmp_path: Path, script: str = LOAD_AND_CHAT) -> dict:
+    """pip-install the model's phitune wheel (offline, no deps) into tmp_path/site and run `script`
+    on the model folder from tmp_path/elsewhere, with no MLFLOW_* settings; its last stdout line as JSON."""
     (wheel,) = (model_dir / "artifacts").glob("phitune-*.whl")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
@@ -76,7 +77,7 @@ def _chat_in_fresh_process(model_dir: Path, tmp_path: Path) -> dict:
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(PYTHONPATH=str(site), MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_CHAT, str(model_dir)], cwd=elsewhere, env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(model_dir)], cwd=elsewhere, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -120,7 +121,7 @@ def test_the_logged_model_carries_the_runs_final_metrics(logged):
 
 
 def test_a_fresh_interpreter_elsewhere_loads_it_with_the_shipped_phitune_and_chats(logged, tmp_path):
-    out = _chat_in_fresh_process(logged["dir"], tmp_path)
+    out = load_in_fresh_process(logged["dir"], tmp_path)
     assert out["phitune"].startswith(str(tmp_path / "site")) and out["cwd"] == str(tmp_path / "elsewhere")
     assert out["role"] == "assistant" and isinstance(out["reply"], str)
 
@@ -146,7 +147,7 @@ def test_a_base_folder_without_hub_id_ships_with_the_model(tiny_model_cfg, tiny_
     assert base["shipped"] == "base_model" and "path" not in base and base["local_path"] == str(folder)
     assert (model_dir / "artifacts/base_model/model.safetensors").is_file()
     shutil.rmtree(folder)  # the training machine's folder is gone: the shipped copy must be what loads
-    assert _chat_in_fresh_process(model_dir, tmp_path)["role"] == "assistant"
+    assert load_in_fresh_process(model_dir, tmp_path)["role"] == "assistant"
 
     from phitune.models.uri import read_pyfunc_model
 

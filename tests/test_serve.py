@@ -416,11 +416,12 @@ class GatedGenerator:
         return held()
 
 
-def _wait_for(predicate, what, timeout=60):
+def wait_for(predicate, what, timeout=60, poll=0.01):
+    """Poll `predicate` every `poll` s until true; fail naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        time.sleep(poll)
 
 
 def test_full_queue_is_429_and_requests_after_it_still_work(generator):
@@ -428,15 +429,15 @@ def test_full_queue_is_429_and_requests_after_it_still_work(generator):
     with app_server(gated, max_queue=1) as server, ThreadPoolExecutor(2) as pool:
         engine = server.app.state.engine
         running = pool.submit(post, server.url, {"messages": ASK, "max_tokens": 3})
-        _wait_for(gated.started.is_set, "the first request to start")
+        wait_for(gated.started.is_set, "the first request to start")
         waiting = pool.submit(post, server.url, {"messages": ASK, "max_tokens": 3, "stream": True})
-        _wait_for(lambda: engine.pending == 2, "the second request to queue")
+        wait_for(lambda: engine.pending == 2, "the second request to queue")
         status, body, headers = post(server.url, {"messages": ASK, "max_tokens": 3})
         assert status == 429 and assert_openai_error(body, "rate_limit_exceeded") and headers.get("retry-after")
         gated.gate.set()
         assert running.result()[0] == 200 and waiting.result()[0] == 200
         assert post(server.url, {"messages": ASK, "max_tokens": 3})[0] == 200
-        _wait_for(lambda: engine.pending == 0, "the queue to drain")
+        wait_for(lambda: engine.pending == 0, "the queue to drain")
 
 
 def test_request_timeout_is_504_and_frees_the_queue(generator):
@@ -445,7 +446,7 @@ def test_request_timeout_is_504_and_frees_the_queue(generator):
         status, body, _ = post(server.url, {"messages": ASK, "max_tokens": 3})
         assert status == 504 and assert_openai_error(body, "timeout")
         gated.gate.set()
-        _wait_for(lambda: server.app.state.engine.pending == 0, "the timed-out job to be dropped")
+        wait_for(lambda: server.app.state.engine.pending == 0, "the timed-out job to be dropped")
         assert post(server.url, {"messages": ASK, "max_tokens": 3})[0] == 200
 
 
@@ -458,7 +459,7 @@ def test_client_gone_mid_stream_stops_its_generation(generator):
         resp = conn.getresponse()
         assert resp.readline().startswith(b"data: ")
         conn.close()  # hang up
-        _wait_for(lambda: server.app.state.engine.pending == 0, "the abandoned generation to stop")
+        wait_for(lambda: server.app.state.engine.pending == 0, "the abandoned generation to stop")
         assert post(server.url, {"messages": ASK, "max_tokens": 2})[0] == 200
 
 

@@ -25,7 +25,8 @@ import pytest
 
 from phitune import deployments
 from phitune.serving.engine import Engine, GenParams
-from test_serve import ASK, KEY, MODEL, app_server, assert_openai_error, client, post, registry  # noqa: F401
+from test_serve import (ASK, KEY, MODEL, app_server, assert_openai_error, client, post, registry,  # noqa: F401
+                        wait_for)
 
 pytestmark = pytest.mark.slow
 CHAMPION, CHALLENGER = f"{MODEL}@champion", f"{MODEL}@challenger"
@@ -102,13 +103,6 @@ def multi(registry, versions):
     proc.terminate()
     proc.wait(30)
     log.close()
-
-
-def _wait_for(predicate, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _held(registry, dep_id) -> set:
@@ -215,12 +209,12 @@ def test_follow_swaps_a_moved_alias_between_requests(multi, registry, versions):
     asker = threading.Thread(target=keep_asking, daemon=True)
     asker.start()
     try:
-        _wait_for(lambda: answers, "a first answer")
+        wait_for(lambda: answers, "a first answer", timeout=120, poll=0.2)
         registry.client.set_registered_model_alias(MODEL, "champion", "3")
         card = lambda: client(multi.url).models.retrieve(CHAMPION).model_extra["version"]  # noqa: E731
-        _wait_for(lambda: card() == "3", "@champion to be served as version 3")
+        wait_for(lambda: card() == "3", "@champion to be served as version 3", timeout=120, poll=0.2)
         n = len(answers)
-        _wait_for(lambda: len(answers) > n + 1, "answers after the swap")
+        wait_for(lambda: len(answers) > n + 1, "answers after the swap", timeout=120, poll=0.2)
     finally:
         stop.set()
         asker.join(120)
@@ -228,7 +222,7 @@ def test_follow_swaps_a_moved_alias_between_requests(multi, registry, versions):
     assert set(answers) <= {versions["1"], versions["3"]}, answers
     assert _ask(multi.url, CHALLENGER) == versions["2"]  # the other alias did not move
     # version 3 is guarded from the moment it was picked up; version 1 is released once unloaded
-    _wait_for(lambda: _held(registry, multi.id) == {"2", "3"}, "version 1 to be unloaded")
+    wait_for(lambda: _held(registry, multi.id) == {"2", "3"}, "version 1 to be unloaded", timeout=120, poll=0.2)
     assert [r["id"] for r in deployments.active_for(MODEL, "3", tracking_uri=registry.uri)] == [multi.id]
     assert deployments.active_for(MODEL, "1", tracking_uri=registry.uri) == []
     assert "now answers with" in (registry.tmp / "serve-adapters.log").read_text()

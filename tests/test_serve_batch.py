@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
+from test_serve import wait_for
+
 KEY = "pt-test-batch"
 MODEL = "support-bot"
 QUESTIONS = ["How do I reset my password?", "Can I get a refund for my annual plan?", "hi",
@@ -82,13 +84,6 @@ def held(model, delay_s=0.0):
     finally:
         gate.set()
         handle.remove()
-
-
-def wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def client(url):

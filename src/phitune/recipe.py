@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,16 +372,10 @@ def _base_ref(cfg) -> dict:
 
 
 def _log_model(cfg, tokenizer, model) -> None:
-    import mlflow
-
     from phitune.tracking.pyfunc_model import log_chat_model
-    from phitune.train.checkpoint import _unwrap
+    from phitune.train.checkpoint import logged_adapter
 
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter"
-        _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter))
-        mlflow.log_artifacts(str(adapter), "adapter")
+    with logged_adapter(model, tokenizer) as adapter:
         log_chat_model(_base_ref(cfg), adapter)
 
 

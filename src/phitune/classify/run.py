@@ -101,20 +101,11 @@ def finalise(cfg, tracker, data, model, device) -> None:
 
 def log_model(cfg, tokenizer, model) -> None:
     """The adapter (or whole model) with labels.json under `adapter/`, and the MLflow classifier model."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
     from phitune.classify.pyfunc import log_classifier_model
     from phitune.modeling.loader import base_reference
-    from phitune.train.checkpoint import _unwrap
+    from phitune.train.checkpoint import logged_adapter
 
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter"
-        _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter))
-        mlflow.log_artifacts(str(adapter), "adapter")
+    with logged_adapter(model, tokenizer) as adapter:
         ref = dict(base_reference(cfg.model), context_length=int(cfg.model.context_length), method=cfg.train.method,
                    task="classification")
         log_classifier_model(ref, adapter)
