@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
+import torch
 
 from test_serve import wait_for
 
@@ -157,6 +158,30 @@ def test_decoder_rows_join_and_leave_between_steps(generator):
     assert len(set(s["text"] for s in want)) > 2  # different prompts, different answers: not a vacuous match
 
 
+def test_prompts_joining_together_run_in_one_padded_forward_and_answer_as_alone(generator):
+    """Prompts of different lengths prefilled in one left-padded forward, twice (the second group into a
+    running batch), end with the one-at-a-time answers; the cache's padding holds no NaN or stray values."""
+    from phitune.serving.batch import BatchDecoder, Sequence
+
+    want = [generator.generate(user(q), 20, 0.0) for q in QUESTIONS]
+    decoder = BatchDecoder(generator)
+    seqs = [Sequence(generator, generator.prompt_ids(user(q)), 20, 0.0, 1.0, [], None) for q in QUESTIONS]
+    assert len({len(s.prompt) for s in seqs[:3]}) == 3  # the first group is padded
+    with held(generator.model) as (gate, rows):
+        gate.set()
+        decoder.join_many(seqs[:3])
+        decoder.step()
+        decoder.join_many(seqs[3:])
+    assert rows == [3, 3, 3]  # one prefill forward per group, one step between them
+    for layer in decoder.cache.layers:
+        pad = ~decoder.mask[:, None, :, None].expand_as(layer.keys)
+        assert torch.isfinite(layer.keys).all() and not layer.keys[pad].any() and not layer.values[pad].any()
+    while decoder.rows:
+        decoder.step()
+        decoder.leave([s for s in decoder.rows if s.done])
+    assert [s.result() for s in seqs] == want
+
+
 def test_concurrent_greedy_answers_equal_one_at_a_time(generator, alone):
     with app_server(generator, max_batch=8) as server, held(generator.model) as (gate, rows), \
             ThreadPoolExecutor(len(REQUESTS)) as pool:
@@ -170,6 +195,9 @@ def test_concurrent_greedy_answers_equal_one_at_a_time(generator, alone):
         assert max(rows) == len(REQUESTS) and server.engine.largest_batch == len(REQUESTS)
         ones, total = batch_sizes(server.url)
         assert total == len(REQUESTS) and ones == 1  # only the first request started alone
+        # the first prompt ran alone (or with any queued by then), then one step, then the rest's prompts in
+        # one forward: at most three passes before the first over all six rows (one prompt per pass: eleven)
+        assert rows.index(len(REQUESTS)) <= 3, rows
 
 
 def test_one_at_a_time_setting_never_batches(generator, alone):

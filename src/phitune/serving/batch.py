@@ -3,16 +3,17 @@
     decoder = BatchDecoder(generator)          # a phitune.modeling.generate.ChatGenerator
     seq = Sequence(generator, prompt_ids, max_tokens, temperature, top_p, stops, seed)
     delta = decoder.join(seq)                  # prompt forward (alone) + its first token
+    deltas = decoder.join_many(seqs)           # queued prompts in one left-padded forward
     for seq, delta in decoder.step():          # one forward over all joined sequences
         ...
     decoder.leave(seq)                         # finished, cancelled or timed out
 
 One KV cache holds all rows, left-padded to a common length: row i's real tokens are
 the last `n_cached` columns, the attention mask hides its padding and position_ids
-count only its real tokens, so each row sees what it would see alone. A joining
-sequence runs its prompt through the model alone (exactly the one-at-a-time forward,
-so its first token is the same) and its cache is padded into the batch; a leaving
-row is dropped and the columns that are padding in every remaining row are cut.
+count only its real tokens, so each row sees what it would see alone. Sequences that
+join together run their prompts in one forward, left-padded the same way (a lone one
+runs exactly the one-at-a-time forward), and their cache is padded into the batch; a
+leaving row is dropped and the columns that are padding in every remaining row are cut.
 A batch of one unpadded row runs without a mask, as ChatGenerator does.
 
 The cache is transformers' DynamicCache with plain full layers (no config: no sliding
@@ -117,31 +118,55 @@ class BatchDecoder:
 
     def join(self, seq: Sequence) -> str:
         """Run seq's prompt alone, sample its first token and add its row to the batch. The first token's text."""
+        return self.join_many([seq])[0]
+
+    def join_many(self, seqs: list[Sequence]) -> list[str]:
+        """Run these prompts in one forward, left-padded to the longest (prompts of one length, a lone
+        one included, run unpadded and unmasked, as ChatGenerator does), sample each first token and
+        add the unfinished rows to the batch. The first tokens' texts, in order."""
         from transformers import DynamicCache
 
         self.model.eval()
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)  # the padding id is hidden by the mask
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, seq in enumerate(seqs):
+            ids[i, width - len(seq.prompt):] = torch.tensor(seq.prompt, dtype=torch.long)
+            mask[i, width - len(seq.prompt):] = True
+        kw = {}
+        if not bool(mask.all()):
+            kw = {"attention_mask": mask.long().to(self.device),
+                  "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(self.device)}
         cache = DynamicCache()
         with torch.inference_mode():
-            ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-            logits = self._forward(ids, cache, [seq.adapter])
-        seq.n_cached = len(seq.prompt)
-        delta = seq.sample(logits[0, -1])
-        if not seq.done:
-            self._add_row(seq, cache)
-        return delta
+            logits = self._forward(ids.to(self.device), cache, [s.adapter for s in seqs], **kw)
+        deltas = []
+        for i, seq in enumerate(seqs):
+            seq.n_cached = len(seq.prompt)
+            deltas.append(seq.sample(logits[i, -1]))
+        keep = [i for i, seq in enumerate(seqs) if not seq.done]
+        if keep:
+            self._add_rows([seqs[i] for i in keep], cache, mask.to(self.device), keep)
+        return deltas
 
-    def _add_row(self, seq: Sequence, cache) -> None:
-        row_mask = torch.ones(1, seq.n_cached, dtype=torch.bool, device=self.device)
+    def _add_rows(self, seqs: list[Sequence], cache, mask: torch.Tensor, keep: list[int]) -> None:
+        """Rows `keep` of a prefill's cache (mask: [prefilled rows, columns]) appended to the batch."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = mask[index]
+        hide = ~mask[:, None, :, None]  # padding columns: zeroed, whatever the forward left in them
+        for layer in cache.layers:
+            layer.keys = layer.keys[index].masked_fill(hide, 0)
+            layer.values = layer.values[index].masked_fill(hide, 0)
         if not self.rows:
-            self.cache, self.mask, self.rows = cache, row_mask, [seq]
+            self.cache, self.mask, self.rows = cache, mask, list(seqs)
             return
-        width = max(self.mask.shape[1], seq.n_cached)
-        pad_old, pad_new = width - self.mask.shape[1], width - seq.n_cached
+        width = max(self.mask.shape[1], mask.shape[1])
+        pad_old, pad_new = width - self.mask.shape[1], width - mask.shape[1]
         for old, new in zip(self.cache.layers, cache.layers):
             old.keys = torch.cat([_left_pad(old.keys, pad_old), _left_pad(new.keys, pad_new)])
             old.values = torch.cat([_left_pad(old.values, pad_old), _left_pad(new.values, pad_new)])
-        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(row_mask, (pad_new, 0))])
-        self.rows.append(seq)
+        self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        self.rows.extend(seqs)
 
     def step(self) -> list[tuple[Sequence, str]]:
         """One forward over every row (its last sampled token in), one token sampled per row."""

@@ -220,54 +220,70 @@ class Engine:
 
     def _admit(self, decoder, jobs: dict) -> bool:
         """Take queued jobs into the batch until it is full or the queue is empty (waiting for one when the
-        batch is empty). False when the engine is closing."""
-        while len(decoder) < self.max_batch:
+        batch is empty); those taken together run their prompts in one forward. False when the engine is
+        closing."""
+        taken, closing = [], False
+        while len(decoder) + len(taken) < self.max_batch:
             try:
-                job = self._jobs.get(block=not decoder.rows)
+                job = self._jobs.get(block=not decoder.rows and not taken)
             except queue.Empty:
-                return True
+                break
             if job is None:
-                for seq in decoder.rows:
-                    self._release(jobs.pop(id(seq)))
-                return False
-            try:
-                self._join(decoder, jobs, job)
-            except Exception:
-                log.exception("generation failed")
-                self._end(job, "error", _internal_error())
+                closing = True
+                break
+            seq = self._sequence(job)
+            if seq is not None:
+                taken.append((job, seq))
+        if taken:
+            self._join(decoder, jobs, taken)
+        if closing:
+            for seq in decoder.rows:
+                self._release(jobs.pop(id(seq)))
+            return False
         return True
 
-    def _join(self, decoder, jobs: dict, job: Job) -> None:
+    def _sequence(self, job: Job):
+        """The job's decoding state, or None once it was released or answered with its error."""
         from phitune.serving.batch import Sequence
 
         if job.cancelled.is_set():
             self._release(job)
-            return
+            return None
         prompt, p = self._prompt(job), job.params
         if prompt is None:
             self._release(job)
-            return
+            return None
         max_tokens = p.max_tokens or self.default_max_tokens
         try:
             self.generator._check(p.messages, max_tokens, p.temperature, p.top_p)
         except PhituneError as exc:
             self._end(job, "error", APIError(400, str(exc), param=None, code="invalid_value"))
-            return
+            return None
         loaded = getattr(self.generator, "adapters", [])
         if p.adapter is not None and p.adapter not in loaded:
             self._end(job, "error", APIError(400, f"no adapter {p.adapter!r} is loaded (loaded: "
                                                   f"{', '.join(loaded) or 'none'})", param="model",
                                              code="model_not_found"))
-            return
-        seq = Sequence(self.generator, prompt, max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.adapter)
-        job.emit("start", len(prompt))
-        self._observe(len(decoder) + 1)
-        delta = decoder.join(seq)
-        if self._advance(job, seq, delta):
-            jobs[id(seq)] = job
-        else:
-            decoder.leave([seq])
+            return None
+        return Sequence(self.generator, prompt, max_tokens, p.temperature, p.top_p, p.stop, p.seed, p.adapter)
 
+    def _join(self, decoder, jobs: dict, taken: list) -> None:
+        """Prefill the taken (job, sequence) pairs together and stream each one's first token."""
+        for k, (job, seq) in enumerate(taken, 1):
+            job.emit("start", len(seq.prompt))
+            self._observe(len(decoder) + k)
+        try:
+            deltas = decoder.join_many([seq for _, seq in taken])
+        except Exception:
+            log.exception("generation failed")
+            for job, _ in taken:
+                self._end(job, "error", _internal_error())
+            return
+        for (job, seq), delta in zip(taken, deltas):
+            if self._advance(job, seq, delta):
+                jobs[id(seq)] = job
+            else:
+                decoder.leave([seq])
     def _advance(self, job: Job, seq, delta: str) -> bool:
         """Report one sampled token of job; False when the job has left (done, cancelled, timed out)."""
         if job.first_token_at is None:
