@@ -12,11 +12,12 @@ answer, questions from data/support_valid.jsonl in turn, over loopback HTTP; phi
 answers are streamed (so the time to the first token is real; MLflow's pyfunc server
 cannot stream, its first token comes with the answer).
 
-For each concurrency level (--clients, default 1 4 8): rounds of that many simultaneous
-requests, one server per round, the servers' order rotating, until each server has
-answered --requests (24). Per server and level: p50 and p95 latency (ms), p50 time to
+For each concurrency level (--clients, default 1 4 8): that many clients, each sending its
+next request as soon as its previous answer is in (--arrivals closed, the default; or
+--arrivals rounds: rounds of that many simultaneous requests), in blocks to one server at a
+time, the servers' order rotating, until each server has answered --requests (24). Per server and level: p50 and p95 latency (ms), p50 time to
 first token, and completion tokens per second (from `usage`, over the summed wall time of
-the server's rounds). The ratios are batched / one-at-a-time and batched / mlflow:
+the server's blocks). The ratios are batched / one-at-a-time and batched / mlflow:
 latency < 1 and tokens/s > 1 mean batched is faster. Each level also counts answers that
 differ from the one-at-a-time server's single-client (greedy) answer to the same question.
 
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -193,9 +195,12 @@ class Target:
 
 
 def measure(targets: list, qs: list, args) -> None:
-    """Rounds of `clients` simultaneous requests (1, 4, 8 by default), one server per round, the
-    servers' order rotating round by round, so that all see the same machine: this one is shared,
-    and its load moves by the minute. tokens/s is over the summed wall time of a server's rounds."""
+    """Per concurrency level (1, 4, 8 by default), blocks of requests to one server at a time, the
+    servers' order rotating block by block, so that all see the same machine: this one is shared,
+    and its load moves by the minute. tokens/s is over the summed wall time of a server's blocks.
+    --arrivals rounds: a block is `clients` simultaneous requests, and ends with its longest answer.
+    --arrivals closed: `clients` clients each send their next request as soon as their previous answer
+    is in (as vLLM's benchmark_serving --max-concurrency does), --requests / 2 answers a block."""
     def body(i):
         return {"messages": qs[i % len(qs)], "max_tokens": args.max_tokens, "temperature": 0.0}
 
@@ -204,16 +209,31 @@ def measure(targets: list, qs: list, args) -> None:
             t.call(t.url, body(i), t.headers)
     with ThreadPoolExecutor(max(args.clients)) as pool:
         for n in args.clients:
-            rounds = max(1, -(-args.requests // n))  # at least --requests answers per server and level
-            for r in range(rounds):
+            size = n if args.arrivals == "rounds" else max(n, args.requests // 2)
+            blocks = max(1, -(-args.requests // size))  # at least --requests answers per server and level
+            for r in range(blocks):
                 k = r % len(targets)
                 for t in targets[k:] + targets[:k]:
-                    ids = range(r * n, (r + 1) * n)
                     t0 = time.perf_counter()
-                    t.results.setdefault(n, []).extend(
-                        pool.map(lambda i, t=t: (i, t.call(t.url, body(i), t.headers)), ids))
+                    t.results.setdefault(n, []).extend(_block(t, pool, n, range(r * size, (r + 1) * size), body))
                     t.wall[n] = t.wall.get(n, 0.0) + time.perf_counter() - t0
             print(f"  {n} client(s): done", file=sys.stderr, flush=True)
+
+
+def _block(t, pool, n: int, ids: range, body) -> list:
+    """The answers to requests `ids` from `n` clients, each sending its next as soon as its last is in."""
+    todo, lock = iter(ids), threading.Lock()
+
+    def client():
+        out = []
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return out
+            out.append((i, t.call(t.url, body(i), t.headers)))
+
+    return [row for rows in pool.map(lambda _: client(), range(n)) for row in rows]
 
 
 def summary(t: Target, n: int, expected: dict, n_questions: int) -> dict:
@@ -257,6 +277,8 @@ def main() -> int:
     p.add_argument("--model", help="registered model URI, e.g. models:/support-bot@champion")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels (default: 1 4 8)")
     p.add_argument("--requests", type=int, default=24, help="answers per server and level, at least (default: 24)")
+    p.add_argument("--arrivals", default="closed", choices=["closed", "rounds"],
+                   help="closed: each client sends again as soon as answered (default); rounds: simultaneous rounds")
     p.add_argument("--max-batch", type=int, default=8, help="phitune serve --max-batch of the batched server")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--content-filter", default="local", choices=["local", "off"], help="phitune serve's filter")
@@ -311,7 +333,7 @@ def main() -> int:
     where += f"; load average at the end {os.getloadavg()[0]:.1f}"
     mean = statistics.mean(r["mean_tokens"] for row in table for r in row)
     print(f"\n{model}, greedy, max_tokens {args.max_tokens} (mean {mean:.1f} tokens per answer), "
-          f"{args.threads} torch thread(s) per server, phitune answers streamed\n{where}\n")
+          f"{args.threads} torch thread(s) per server, phitune answers streamed, {args.arrivals} arrivals\n{where}\n")
     names = [r["server"] for r in table[0]]
     print("| clients | figure | " + " | ".join(names) + " | batched / one-at-a-time | batched / mlflow |")
     print("|---:|---|" + "---:|" * (len(names) + 2))

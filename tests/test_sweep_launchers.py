@@ -64,7 +64,7 @@ def test_submitit_local_sweep_completes_prunes_and_a_rerun_adds_nothing(tmp_path
 def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_its_result(tmp_path):
     s = make_stores(tmp_path)
     cmd = toy_cmd(*s.overrides(), *SUBMITIT, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                  "toy.sleep_s=1.0")  # 4 steps of 1 s: time to kill trial 0's job mid-run
+                  "toy.sleep_s=2.0")  # 4 steps of 2 s: 6 s after its first report to kill trial 0 mid-run
     proc = popen(cmd, tmp_path / "sweep.log")
     try:
         deadline = time.monotonic() + 200
@@ -72,6 +72,7 @@ def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_
             time.sleep(0.2)
         assert _reported(s, 0), (tmp_path / "sweep.log").read_text()  # inside its training loop
         os.kill(_starts(s)[0], signal.SIGKILL)  # as scancel / a preemption: no result, no Python exit
+        assert "end 0" not in s.trace_lines(), "trial 0 ended before the kill: the check proves nothing"
         assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()
     finally:
         if proc.poll() is None:
