@@ -182,6 +182,22 @@ def test_prompts_joining_together_run_in_one_padded_forward_and_answer_as_alone(
     assert [s.result() for s in seqs] == want
 
 
+def test_decoding_puts_a_training_model_in_eval_mode_once_not_every_step(generator, monkeypatch):
+    """Module.eval() walks every submodule: the decoder calls it only when the model is training."""
+    from phitune.serving.batch import BatchDecoder, Sequence
+
+    model, calls = generator.model, []
+    train = model.train
+    monkeypatch.setattr(model, "train", lambda mode=True: calls.append(mode) or train(mode))
+    model.train()
+    decoder = BatchDecoder(generator)
+    decoder.join(Sequence(generator, generator.prompt_ids(user(QUESTIONS[0])), 8, 0.0, 1.0, [], None))
+    for _ in range(5):
+        decoder.step()
+    assert not model.training and calls == [True, False]  # the test's train(), then one eval() at the join
+    decoder.clear()
+
+
 def test_concurrent_greedy_answers_equal_one_at_a_time(generator, alone):
     with app_server(generator, max_batch=8) as server, held(generator.model) as (gate, rows), \
             ThreadPoolExecutor(len(REQUESTS)) as pool:
