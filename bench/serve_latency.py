@@ -15,9 +15,9 @@ cannot stream, its first token comes with the answer).
 For each concurrency level (--clients, default 1 4 8): that many clients, each sending its
 next request as soon as its previous answer is in (--arrivals closed, the default; or
 --arrivals rounds: rounds of that many simultaneous requests), in blocks to one server at a
-time, the servers' order rotating, until each server has answered --requests (24). Per server and level: p50 and p95 latency (ms), p50 time to
-first token, and completion tokens per second (from `usage`, over the summed wall time of
-the server's blocks). The ratios are batched / one-at-a-time and batched / mlflow:
+time, the servers' order rotating, until each server has answered --requests (24). Per
+server and level: p50 and p95 latency (ms), p50 time to first token, and completion tokens
+per second (from `usage`, over the summed wall time of the server's blocks). The ratios are batched / one-at-a-time and batched / mlflow:
 latency < 1 and tokens/s > 1 mean batched is faster. Each level also counts answers that
 differ from the one-at-a-time server's single-client (greedy) answer to the same question.
 

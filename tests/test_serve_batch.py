@@ -198,6 +198,22 @@ def test_decoding_puts_a_training_model_in_eval_mode_once_not_every_step(generat
     decoder.clear()
 
 
+def test_a_bug_in_one_requests_checks_answers_it_500_and_the_engine_keeps_serving(generator, monkeypatch):
+    check = generator._check
+
+    def buggy(messages, *args):
+        if "boom" in messages[-1]["content"]:
+            raise RuntimeError("a bug, not bad input")
+        return check(messages, *args)
+
+    monkeypatch.setattr(generator, "_check", buggy)
+    with app_server(generator, max_batch=8, request_timeout_s=30) as server:
+        status, body, _ = post(server.url, {"messages": user("boom"), "max_tokens": 3})
+        assert status == 500 and body["error"]["code"] == "internal_error"
+        status, body, _ = post(server.url, {"messages": user("hi"), "max_tokens": 3})
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_concurrent_greedy_answers_equal_one_at_a_time(generator, alone):
     with app_server(generator, max_batch=8) as server, held(generator.model) as (gate, rows), \
             ThreadPoolExecutor(len(REQUESTS)) as pool:

@@ -372,8 +372,7 @@ def _base_ref(cfg) -> dict:
 
 
 def _log_model(cfg, tokenizer, model) -> None:
-    from phitune.tracking.pyfunc_model import log_chat_model
-    from phitune.train.checkpoint import logged_adapter
+    from phitune.tracking.pyfunc_model import log_chat_model, logged_adapter
 
     with logged_adapter(model, tokenizer) as adapter:
         log_chat_model(_base_ref(cfg), adapter)

@@ -103,7 +103,7 @@ def log_model(cfg, tokenizer, model) -> None:
     """The adapter (or whole model) with labels.json under `adapter/`, and the MLflow classifier model."""
     from phitune.classify.pyfunc import log_classifier_model
     from phitune.modeling.loader import base_reference
-    from phitune.train.checkpoint import logged_adapter
+    from phitune.tracking.pyfunc_model import logged_adapter
 
     with logged_adapter(model, tokenizer) as adapter:
         ref = dict(base_reference(cfg.model), context_length=int(cfg.model.context_length), method=cfg.train.method,

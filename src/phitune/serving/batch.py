@@ -152,11 +152,12 @@ class BatchDecoder:
             deltas.append(seq.sample(logits[i, -1]))
         keep = [i for i, seq in enumerate(seqs) if not seq.done]
         if keep:
-            self._add_rows([seqs[i] for i in keep], cache, mask.to(self.device), keep)
+            self._add_rows(seqs, cache, mask.to(self.device), keep)
         return deltas
 
     def _add_rows(self, seqs: list[Sequence], cache, mask: torch.Tensor, keep: list[int]) -> None:
-        """Rows `keep` of a prefill's cache (mask: [prefilled rows, columns]) appended to the batch."""
+        """Rows `keep` of a prefill of `seqs` (its cache, its mask [len(seqs), columns]) appended to the batch."""
+        seqs = [seqs[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = mask[index]
         hide = ~mask[:, None, :, None]  # padding columns: zeroed, whatever the forward left in them

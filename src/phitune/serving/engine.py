@@ -231,7 +231,12 @@ class Engine:
             if job is None:
                 closing = True
                 break
-            seq = self._sequence(job)
+            try:
+                seq = self._sequence(job)
+            except Exception:  # a bug in one request's checks: its 500, the others go on
+                log.exception("generation failed")
+                self._end(job, "error", _internal_error())
+                continue
             if seq is not None:
                 taken.append((job, seq))
         if taken:
@@ -284,6 +289,7 @@ class Engine:
                 jobs[id(seq)] = job
             else:
                 decoder.leave([seq])
+
     def _advance(self, job: Job, seq, delta: str) -> bool:
         """Report one sampled token of job; False when the job has left (done, cancelled, timed out)."""
         if job.first_token_at is None:

@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -151,6 +153,23 @@ def requirements(wheel: str | None = None) -> list[str]:
 
 # MLflow answers this example once to validate the chat model: keep it short.
 CHAT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0.0}
+
+
+@contextmanager
+def logged_adapter(model, tokenizer) -> Iterator[Path]:
+    """The trained adapter (or whole model) and tokenizer saved as safetensors in a temporary folder and
+    logged under the active run's `adapter/`; yields the folder (for log_chat_model or the classifier's
+    log), removed on exit."""
+    import tempfile
+
+    from phitune.train.checkpoint import _unwrap
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"
+        _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter))
+        mlflow.log_artifacts(str(adapter), "adapter")
+        yield adapter
 
 
 def log_chat_model(base_ref: dict, adapter_dir: str | Path, name: str = "model", metrics: dict | None = None,

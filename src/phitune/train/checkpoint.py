@@ -27,9 +27,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,20 +54,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _unwrap(model):
     return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-@contextmanager
-def logged_adapter(model, tokenizer) -> Iterator[Path]:
-    """The trained adapter (or whole model) and tokenizer saved as safetensors in a temporary folder and
-    logged under the active run's `adapter/`; yields the folder, removed on exit."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter"
-        _unwrap(model).save_pretrained(str(adapter), safe_serialization=True)
-        tokenizer.save_pretrained(str(adapter))
-        mlflow.log_artifacts(str(adapter), "adapter")
-        yield adapter
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
