@@ -27,6 +27,13 @@ def main(cfg) -> float | None:
             raise  # the sweeper records the trial as FAILED with this message
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        from phitune.train.memory import is_out_of_memory, out_of_memory_line
+
+        if hc.mode == RunMode.MULTIRUN or not is_out_of_memory(exc):
+            raise  # a sweep's trial: the sweeper records the same line
+        print(f"error: {out_of_memory_line(exc)}", file=sys.stderr)  # not a traceback: the settings to change
+        sys.exit(1)
 
 
 def _check_hydra_dirs() -> None:

@@ -19,7 +19,6 @@ are its last label + K/2 (the step that crossed it trained somewhere in [label, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

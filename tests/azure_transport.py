@@ -289,7 +289,7 @@ def model_version(name: str, version: str = "1") -> dict:
     return {"id": f"{ARM}/models/{name}/versions/{version}", "name": version,
             "type": "Microsoft.MachineLearningServices/workspaces/models/versions",
             "properties": {"modelType": "mlflow_model", "jobName": "ft-job",
-                           "modelUri": f"azureml://jobs/ft-job/outputs/registered_model", "flavors": {},
+                           "modelUri": "azureml://jobs/ft-job/outputs/registered_model", "flavors": {},
                            "properties": {}, "tags": {}, "isArchived": False},
             "systemData": {"createdAt": "2025-01-01T00:00:00Z"}}
 

@@ -152,7 +152,7 @@ def test_a_sweep_promotes_its_best_finished_trial_never_a_pruned_one(store, caps
                            tags={"mlflow.parentRunId": parent, "phitune.trial_number": str(n),
                                  "phitune.trial_state": state})
     rc, out, _ = promote(capsys, store, "--sweep", parent, "--name", "swept")  # parent's experiment
-    assert rc == 0 and f"best of 2 candidate(s)" in out and f"run {kids[3]} (trial 3)" in out
+    assert rc == 0 and "best of 2 candidate(s)" in out and f"run {kids[3]} (trial 3)" in out
     v = client.get_model_version("swept", "1")
     assert v.run_id == kids[3] and v.tags["phitune.sweep"] == parent and v.tags["phitune.trial_number"] == "3"
 

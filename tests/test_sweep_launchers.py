@@ -61,10 +61,10 @@ def test_submitit_local_sweep_completes_prunes_and_a_rerun_adds_nothing(tmp_path
     assert len(load_study(s).get_trials()) == 3 and _starts(s) == starts  # no job started
 
 
-def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_its_result(tmp_path):
-    s = make_stores(tmp_path)
+def _kill_trial_0_mid_run(s, tmp_path, *extra: str) -> tuple[int, str]:
+    """The 2-trial submitit sweep with trial 0's job SIGKILLed inside its training loop: exit code, log."""
     cmd = toy_cmd(*s.overrides(), *SUBMITIT, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-                  "toy.sleep_s=2.0")  # 4 steps of 2 s: 6 s after its first report to kill trial 0 mid-run
+                  "toy.sleep_s=2.0", *extra)  # 4 steps of 2 s: 6 s after its first report to kill trial 0 mid-run
     proc = popen(cmd, tmp_path / "sweep.log")
     try:
         deadline = time.monotonic() + 200
@@ -73,11 +73,18 @@ def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_
         assert _reported(s, 0), (tmp_path / "sweep.log").read_text()  # inside its training loop
         os.kill(_starts(s)[0], signal.SIGKILL)  # as scancel / a preemption: no result, no Python exit
         assert "end 0" not in s.trace_lines(), "trial 0 ended before the kill: the check proves nothing"
-        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     out = (tmp_path / "sweep.log").read_text()
+    return proc.returncode, out
+
+
+def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_its_result(tmp_path):
+    s = make_stores(tmp_path)
+    rc, out = _kill_trial_0_mid_run(s, tmp_path)
+    assert rc == 0, out
     trials = load_study(s).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], out
     assert trials[0].user_attrs["error"].startswith(
@@ -88,3 +95,16 @@ def test_submitit_job_killed_by_the_scheduler_is_requeued_and_its_sibling_keeps_
     _, children = runs(s)
     killed = [c for c in children if c.data.tags["phitune.trial_number"] == "0"][0]
     assert killed.info.status == "KILLED" and killed.data.tags["phitune.trial_state"] == "killed"
+
+
+def test_submitit_job_killed_past_max_retries_stays_failed_and_the_sweep_says_so(tmp_path):
+    s = make_stores(tmp_path)
+    rc, out = _kill_trial_0_mid_run(s, tmp_path, "hydra.sweeper.max_retries=0")
+    trials = load_study(s).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], out  # no re-queued copy
+    assert trials[0].user_attrs["error"].startswith(
+        "its job ended without a result (killed by the scheduler?); not retried (max_retries=0)")
+    assert "trial 0 failed: its job ended without a result (killed by the scheduler?); not retried (max_retries=0)" \
+        in out
+    # 1 of 2 failed is not above the default hydra.sweeper.max_failure_rate (0.5): the sweep ends normally.
+    assert rc == 0 and "trial 2/2 · best full_valid_loss" in out and "· 1 failed" in out, out

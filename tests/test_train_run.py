@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 import signal
 import subprocess
@@ -200,6 +199,46 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, small_data):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert (wa[k] == wb[k]).all(), k
+
+
+# Put on PYTHONPATH, it makes the training loop's first backward pass run out of memory: CUDA's
+# error as torch raises it (no GPU here), or a real failure of torch's host allocator (10 TB
+# asked for). Other backward passes (building the tiny model when it is not cached) run as usual.
+OOM_AT_BACKWARD = """
+import sys
+
+import torch
+
+_plain = torch.Tensor.backward
+
+def _backward(self, *args, **kwargs):
+    if sys._getframe(1).f_globals.get("__name__") != "phitune.train.loop":
+        return _plain(self, *args, **kwargs)
+    if {cuda}:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.10 GiB of which 1.02 GiB is free. Including non-PyTorch memory ...")
+    torch.empty(10 ** 13, dtype=torch.uint8)
+
+torch.Tensor.backward = _backward
+"""
+
+
+@pytest.mark.parametrize("where", ["GPU", "host"])
+def test_a_run_out_of_memory_ends_with_one_line_naming_the_memory_settings(tmp_path, small_data, where):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OOM_AT_BACKWARD.format(cuda=where == "GPU"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(_cmd(tmp_path, *small_data), cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    settings = "lower train.max_device_tokens (tokens per forward pass) or set train.gradient_checkpointing=true"
+    detail = ("OutOfMemoryError: CUDA out of memory" if where == "GPU"
+              else "DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000000 bytes")
+    line = f"out of {where} memory: {settings} ({detail})"
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"error: {line}", r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("phitune").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["phitune.error"] == line
 
 
 def test_run_status_failed_and_killed(tmp_path):

@@ -302,8 +302,6 @@ class Sweep:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> list:
-        import optuna
-
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         # The command line is in it (hydra.overrides.task): a URL's password is masked.
         (self.sweep_dir / "multirun.yaml").write_text(redact.redact_yaml(OmegaConf.to_yaml(self.ctx.config)))
@@ -769,14 +767,9 @@ def batch_size(n_jobs, launcher_n_jobs) -> int:
 
 def job_error(exc) -> str:
     """The one line a failed trial records; running out of GPU memory names the settings that reduce it."""
-    from phitune.train.memory import OOM_HINT, is_out_of_memory
+    from phitune.train.memory import failure_line
 
-    if exc is None:
-        return "the job did not run"
-    if is_out_of_memory(exc):
-        first = " ".join(str(exc).split(". ")[0].split())[:160]
-        return f"{OOM_HINT} ({type(exc).__name__}: {first})"
-    return f"{type(exc).__name__}: {exc}"
+    return "the job did not run" if exc is None else failure_line(exc)
 
 
 # Launchers that hand jobs to a scheduler (hydra/launcher=submitit_slurm, submitit_local).

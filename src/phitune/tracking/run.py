@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from phitune import redact
 from phitune.train.callbacks import Callback
+from phitune.train.memory import failure_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -97,7 +98,7 @@ class TrackedRun(Callback):
             mlflow.set_tag("phitune.trial_state", "pruned")
         else:
             status = "FAILED"
-            mlflow.set_tag("phitune.error", redact.redact_text(f"{exc_type.__name__}: {exc}", self._secrets)[:5000])
+            mlflow.set_tag("phitune.error", redact.redact_text(failure_line(exc), self._secrets)[:5000])
         self.status = status
         mlflow.end_run(status=status)
         return False

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from phitune.errors import PhituneError
 
-OOM_HINT = ("out of GPU memory: lower train.max_device_tokens (tokens per forward pass) "
+OOM_HINT = ("lower train.max_device_tokens (tokens per forward pass) "
             "or set train.gradient_checkpointing=true")
+CPU_ALLOCATOR = "DefaultCPUAllocator"  # torch's host allocator: its failures are RuntimeErrors
 
 
 def check_settings(train_cfg, longest: int, max_len: int) -> None:
@@ -43,7 +44,24 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 def is_out_of_memory(exc: BaseException | None) -> bool:
-    """torch's OutOfMemoryError (CUDA's is the same class), also after a pickling round trip."""
+    """torch's OutOfMemoryError (CUDA's is the same class), also after a pickling round trip,
+    or the host allocator's failure."""
     if exc is None:
         return False
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+    msg = str(exc)
+    return (type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in msg
+            or f"{CPU_ALLOCATOR}: can't allocate memory" in msg)
+
+
+def out_of_memory_line(exc: BaseException) -> str:
+    """One line for an out-of-memory failure: which memory, the settings that reduce it, and
+    the allocator's first sentence (its full text is a paragraph of allocator statistics)."""
+    msg = " ".join(str(exc).split())
+    if CPU_ALLOCATOR in msg:  # "[enforce fail at alloc_cpu.cpp:N] err == 0. DefaultCPUAllocator: ..."
+        return f"out of host memory: {OOM_HINT} ({msg[msg.index(CPU_ALLOCATOR):].split('. ')[0][:160]})"
+    return f"out of GPU memory: {OOM_HINT} ({type(exc).__name__}: {msg.split('. ')[0][:160]})"
+
+
+def failure_line(exc: BaseException) -> str:
+    """What a failed run or trial records: `Type: message`, or the out-of-memory line."""
+    return out_of_memory_line(exc) if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
