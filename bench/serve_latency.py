@@ -15,7 +15,8 @@ cannot stream, its first token comes with the answer).
 For each concurrency level (--clients, default 1 4 8): that many clients, each sending its
 next request as soon as its previous answer is in (--arrivals closed, the default; or
 --arrivals rounds: rounds of that many simultaneous requests), in blocks to one server at a
-time, the servers' order rotating, until each server has answered --requests (24). Per
+time (closed: 8 answers per client a block, --block), the servers' order rotating, until
+each server has answered --requests (24) and had 2 blocks at least. Per
 server and level: p50 and p95 latency (ms), p50 time to first token, and completion tokens
 per second (from `usage`, over the summed wall time of the server's blocks). The ratios are batched / one-at-a-time and batched / mlflow:
 latency < 1 and tokens/s > 1 mean batched is faster. Each level also counts answers that
@@ -200,7 +201,8 @@ def measure(targets: list, qs: list, args) -> None:
     and its load moves by the minute. tokens/s is over the summed wall time of a server's blocks.
     --arrivals rounds: a block is `clients` simultaneous requests, and ends with its longest answer.
     --arrivals closed: `clients` clients each send their next request as soon as their previous answer
-    is in (as vLLM's benchmark_serving --max-concurrency does), --requests / 2 answers a block."""
+    is in (as vLLM's benchmark_serving --max-concurrency does), --block answers a block (default 8 per
+    client: a block ends with its last answers decoding alone, and this keeps that tail small)."""
     def body(i):
         return {"messages": qs[i % len(qs)], "max_tokens": args.max_tokens, "temperature": 0.0}
 
@@ -209,8 +211,8 @@ def measure(targets: list, qs: list, args) -> None:
             t.call(t.url, body(i), t.headers)
     with ThreadPoolExecutor(max(args.clients)) as pool:
         for n in args.clients:
-            size = n if args.arrivals == "rounds" else max(n, args.requests // 2)
-            blocks = max(1, -(-args.requests // size))  # at least --requests answers per server and level
+            size = n if args.arrivals == "rounds" else (args.block or max(8 * n, args.requests // 2))
+            blocks = max(2, -(-args.requests // size))  # at least --requests answers and 2 blocks per server
             for r in range(blocks):
                 k = r % len(targets)
                 for t in targets[k:] + targets[:k]:
@@ -277,6 +279,7 @@ def main() -> int:
     p.add_argument("--model", help="registered model URI, e.g. models:/support-bot@champion")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels (default: 1 4 8)")
     p.add_argument("--requests", type=int, default=24, help="answers per server and level, at least (default: 24)")
+    p.add_argument("--block", type=int, help="--arrivals closed: answers per block (default: 8 per client)")
     p.add_argument("--arrivals", default="closed", choices=["closed", "rounds"],
                    help="closed: each client sends again as soon as answered (default); rounds: simultaneous rounds")
     p.add_argument("--max-batch", type=int, default=8, help="phitune serve --max-batch of the batched server")

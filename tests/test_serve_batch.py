@@ -324,3 +324,30 @@ def test_rows_of_different_adapters_share_a_batch(tiny_model_cfg):
         decoder.leave([s for s in decoder.rows if s.done])
     assert [s.result() for s in seqs] == want
     assert want[0] != want[1]  # the same question, two adapters, two answers: the rows really differ
+
+
+def test_a_stream_behind_the_batch_takes_the_queued_deltas_at_once_and_keeps_the_next_event():
+    """Job.more_deltas: the deltas already queued come as one list (the stream sends one chunk);
+    the first other event stays for next_event, which returns queued events without waiting."""
+    import asyncio
+
+    from phitune.serving.engine import GenParams, Job
+
+    async def scenario():
+        params = GenParams(messages=[], max_tokens=8, temperature=0.0, top_p=1.0, stop=[], seed=None)
+        job = Job(engine=None, params=params, deadline=time.monotonic() + 60, loop=asyncio.get_running_loop())
+        for text in ("He", "llo", " wor", "ld"):
+            job.emit("delta", text)
+        job.emit("done", {"finish_reason": "stop", "completion_tokens": 4})
+        job.emit("delta", "late")
+        await asyncio.sleep(0)  # emit() hands each event to the loop: let them land
+        first = await job.next_event()
+        more = job.more_deltas()
+        done = await job.next_event()
+        job.deadline = time.monotonic() - 1  # past it, queued events or not: a timeout, as before
+        return first, more, done, await job.next_event(), job.more_deltas()
+
+    first, more, done, timeout, rest = asyncio.run(scenario())
+    assert first == ("delta", "He") and more == ["llo", " wor", "ld"]  # stops at "done": nothing after it merged
+    assert done == ("done", {"finish_reason": "stop", "completion_tokens": 4})
+    assert timeout == ("timeout", None) and rest == ["late"]

@@ -322,7 +322,9 @@ class ChatService:
             while finish is None:
                 kind, payload = await job.next_event()
                 if kind == "delta":
-                    deltas += 1
+                    more = job.more_deltas()
+                    deltas += 1 + len(more)
+                    payload = "".join([payload, *more])
                     out, blocked = (payload, None) if screen is None else await _feed(screen, payload)
                     if out:
                         sent.append(out)

@@ -54,12 +54,25 @@ class Job:
         self.cancelled = threading.Event()
         self.released = False
         self.first_token_at: float | None = None  # time.monotonic() when its first token was sampled
+        self._held = None  # an event that more_deltas() took off the queue: next_event() returns it first
 
     def emit(self, kind: str, payload=None) -> None:
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is gone (server shutting down)
             self.cancelled.set()
+
+    def more_deltas(self) -> list[str]:
+        """The texts of the delta events already queued, without waiting: a stream that fell
+        behind the batch sends them as one chunk, not one chunk (and socket write) each."""
+        texts = []
+        while self._held is None and not self.events.empty():
+            kind, payload = self.events.get_nowait()
+            if kind == "delta":
+                texts.append(payload)
+            else:
+                self._held = (kind, payload)
+        return texts
 
     def cancel(self) -> None:
         """Stop this job (queued or running) and free its place in the queue."""
@@ -71,6 +84,11 @@ class Job:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             return "timeout", None
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
+        if not self.events.empty():  # already here: no timer and no task (wait_for makes both, per token)
+            return self.events.get_nowait()
         try:
             return await asyncio.wait_for(self.events.get(), remaining)
         except asyncio.TimeoutError:
