@@ -14,8 +14,15 @@ of the tools may change it (LoRA dropout is 0 here so that the rows' cut cannot 
     off        max_device_batch 8 (one row of 8 examples, ~24k tokens), full float32 logits
     chunked    train.loss_chunk_tokens=2048
     tokens     train.max_device_tokens=4096
+    tokens_chunked  the two together (no checkpointing)
     ckpt       train.gradient_checkpointing=true
     all        the three together
+    trl        TRL's SFTTrainer on the same conversations and model as its users run it for this job:
+               padded batches of max_device_batch (8) examples up to max_length 4096, LoRA through
+               peft_config, assistant-only loss, gradient checkpointing on (TRL's default)
+    trl_nockpt the same with gradient_checkpointing=False
+
+The TRL settings need `pip install -e '.[bench]'`.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +42,11 @@ SETTINGS = {
     "off": {"max_device_tokens": None, "loss_chunk_tokens": None, "gradient_checkpointing": False},
     "chunked": {"max_device_tokens": None, "loss_chunk_tokens": 2048, "gradient_checkpointing": False},
     "tokens": {"max_device_tokens": 4096, "loss_chunk_tokens": None, "gradient_checkpointing": False},
+    "tokens_chunked": {"max_device_tokens": 4096, "loss_chunk_tokens": 2048, "gradient_checkpointing": False},
     "ckpt": {"max_device_tokens": None, "loss_chunk_tokens": None, "gradient_checkpointing": True},
     "all": {"max_device_tokens": 4096, "loss_chunk_tokens": 2048, "gradient_checkpointing": True},
 }
+TRL_SETTINGS = {"trl": True, "trl_nockpt": False}  # name -> TRL's gradient_checkpointing
 MAX_LEN = 4096  # tokens: Phi-3-mini-4k's context
 DEVICE_BATCH = 8  # train.max_device_batch's default
 
@@ -57,7 +67,57 @@ def long_conversations(tokenizer, n: int, target_tokens: int) -> list[list[dict]
     return out
 
 
+def trl_child(args) -> None:
+    """TRL's SFTTrainer on the long-conversation job: peak RSS, training seconds, the step losses."""
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from train_throughput import ensure_phi3_60m
+
+    torch.set_num_threads(args.threads)
+    path = ensure_phi3_60m()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    conversations = long_conversations(tokenizer, args.per_step * args.steps, args.tokens)
+    dataset = Dataset.from_list([{"messages": msgs} for msgs in conversations])
+    transformers.set_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type=TaskType.CAUSAL_LM,
+                      target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    with tempfile.TemporaryDirectory() as out:
+        cfg = SFTConfig(output_dir=out, per_device_train_batch_size=DEVICE_BATCH,
+                        gradient_accumulation_steps=max(1, args.per_step // DEVICE_BATCH), max_steps=args.steps,
+                        learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                        optim="adamw_torch", max_grad_norm=1.0, seed=0, use_cpu=True, bf16=False,
+                        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+                        logging_steps=1, dataloader_num_workers=0, assistant_only_loss=True, max_length=MAX_LEN,
+                        gradient_checkpointing=TRL_SETTINGS[args.child], packing=False)
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[Losses()])
+        t0 = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - t0
+    lengths = [len(tokenizer.apply_chat_template(m, tokenize=True)) for m in conversations]
+    print(RESULT_TAG + json.dumps({
+        "setting": args.child, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mib": rss_loaded, "train_s": wall, "losses": losses, "tokens": sum(lengths),
+        "examples": len(lengths), "mean_tokens": sum(lengths) / len(lengths), "threads": args.threads}), flush=True)
+
+
 def child(args) -> None:
+    if args.child in TRL_SETTINGS:
+        return trl_child(args)
     import torch
     import transformers
     from omegaconf import OmegaConf
@@ -142,14 +202,15 @@ def parent(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS))
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help="comma-separated: " + ", ".join([*SETTINGS, *TRL_SETTINGS]))
     p.add_argument("--per-step", type=int, default=8, help="conversations per optimizer step")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--tokens", type=int, default=3000, help="tokens per conversation, about")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=580, help="seconds per setting")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--child", choices=tuple(SETTINGS), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=(*SETTINGS, *TRL_SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     child(args) if args.child else parent(args)
 
