@@ -278,3 +278,36 @@ def test_workers_moving_the_best_mark_at_once_do_not_collide(dbs):
     assert not errors, errors[0]
     assert client.get_run(parent).data.tags[BEST_RUN_TAG] in {c.info.run_id for c in children}
     assert any(client.get_run(c.info.run_id).data.tags.get(BEST_TAG) == "true" for c in children)
+
+
+def test_a_worker_that_loses_the_race_to_create_the_schema_retries(pg_server):
+    """Another worker creates (and commits) table `studies` after this worker's existence check
+    and before its CREATE TABLE, as when three workers start at once: PostgreSQL answers
+    DuplicateTable; open_storage retries and the schema is finished."""
+    import optuna
+    import psycopg
+    from optuna.storages._rdb import models
+    from sqlalchemy import event
+
+    from phitune.sweep.study import open_storage
+
+    pg_server.create_database("optuna_race")
+    raced = []
+
+    def other_worker_first(*_args, **_kw):
+        if not raced:  # once: the retry then finds the table and creates the rest
+            raced.append(True)
+            with psycopg.connect(f"host=127.0.0.1 port={pg_server.port} user=postgres dbname=optuna_race") as other:
+                other.execute("CREATE TABLE studies (study_id SERIAL NOT NULL, study_name VARCHAR(512) NOT NULL, "
+                              "PRIMARY KEY (study_id))")
+
+    table = models.StudyModel.__table__
+    event.listen(table, "before_create", other_worker_first)
+    try:
+        storage = open_storage(pg_server.url("optuna_race"))
+    finally:
+        event.remove(table, "before_create", other_worker_first)
+    assert raced == [True]
+    study = optuna.create_study(storage=storage, study_name="raced")
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["raced"]
+    assert study.ask().number == 0

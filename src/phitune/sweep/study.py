@@ -144,10 +144,13 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
-            if attempt == 4:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Another worker is creating the schema: PostgreSQL says DuplicateTable (a ProgrammingError)
+            # when both passed create_all's existence check before either committed.
+            racing = not isinstance(exc, sqlalchemy.exc.ProgrammingError) or "already exists" in str(exc)
+            if attempt == 4 or not racing:
                 raise
-            time.sleep(0.5 + attempt)  # seconds; another worker is creating the schema
+            time.sleep(0.5 + attempt)  # seconds
         except sqlalchemy.exc.ArgumentError as exc:
             raise PhituneError(f"hydra.sweeper.storage: not a database URL: {display_url(url)} ({exc})") from None
         except ImportError as exc:
