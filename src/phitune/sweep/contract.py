@@ -51,7 +51,6 @@ def declare_env(config, phitune_app: bool, tracking_uri: str | None = None) -> N
     which Hydra replays under each job's. A job's `hydra.job.env_set.NAME=value` then sets an
     existing key (no `++`), and Hydra's launch line (`#3 : x=0.5 y=1`) leaves it out as it does
     every `hydra.` override. A tracking URI with a password goes in this process's environment."""
-
     names = [ENV_STORAGE, ENV_STUDY, ENV_NUMBER]
     if not phitune_app:
         names += ["MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"]

@@ -766,7 +766,7 @@ def batch_size(n_jobs, launcher_n_jobs) -> int:
 
 
 def job_error(exc) -> str:
-    """The one line a failed trial records; running out of GPU memory names the settings that reduce it."""
+    """The one line a failed trial records; running out of memory names the settings that reduce it."""
     from phitune.train.memory import failure_line
 
     return "the job did not run" if exc is None else failure_line(exc)
