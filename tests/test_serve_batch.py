@@ -182,6 +182,26 @@ def test_prompts_joining_together_run_in_one_padded_forward_and_answer_as_alone(
     assert [s.result() for s in seqs] == want
 
 
+def test_a_prompts_forward_computes_logits_for_its_last_position_only(generator):
+    """Only the last position is sampled: the lm_head of a prefill (one-at-a-time and batched) sees one
+    position per row, not [prompt tokens, vocab] (128 MB for 1,000 tokens of Phi-3's vocabulary)."""
+    from phitune.serving.batch import BatchDecoder, Sequence
+
+    head = generator.model.get_output_embeddings()
+    positions = []
+    hook = head.register_forward_hook(lambda module, args, out: positions.append(tuple(out.shape[:2])))
+    try:
+        generator.generate(user(QUESTIONS[3]), 2, 0.0)
+        decoder = BatchDecoder(generator)
+        decoder.join_many([Sequence(generator, generator.prompt_ids(user(q)), 2, 0.0, 1.0, [], None)
+                           for q in QUESTIONS[:3]])
+        decoder.clear()
+    finally:
+        hook.remove()
+    assert len(generator.prompt_ids(user(QUESTIONS[3]))) > 20  # a prompt of many positions
+    assert positions == [(1, 1), (1, 1), (3, 1)]  # prefill and step alone, then three prompts together
+
+
 def test_decoding_puts_a_training_model_in_eval_mode_once_not_every_step(generator, monkeypatch):
     """Module.eval() walks every submodule: the decoder calls it only when the model is training."""
     from phitune.serving.batch import BatchDecoder, Sequence
