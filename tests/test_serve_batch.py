@@ -371,3 +371,37 @@ def test_a_stream_behind_the_batch_takes_the_queued_deltas_at_once_and_keeps_the
     assert first == ("delta", "He") and more == ["llo", " wor", "ld"]  # stops at "done": nothing after it merged
     assert done == ("done", {"finish_reason": "stop", "completion_tokens": 4})
     assert timeout == ("timeout", None) and rest == ["late"]
+
+
+def test_a_batched_step_wakes_the_event_loop_once_for_all_its_rows(generator):
+    """The worker posts a step's events (a token of every row, a finished row's result) to the event
+    loop in one call_soon_threadsafe, not one per event: each post writes the loop's self-pipe and
+    wakes it. Every event still reaches its job, in order."""
+    import asyncio
+
+    from phitune.serving.engine import Engine, GenParams
+
+    engine = Engine(generator, max_batch=4)
+
+    async def scenario(gate):
+        loop, posts = asyncio.get_running_loop(), []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda callback, *args: posts.append(callback) or real(callback, *args)
+        jobs = [engine.submit(GenParams(user(q), 12, 0.0, 1.0, [], None), loop) for q in QUESTIONS[:4]]
+        gate.set()  # all four queued: they join in one prefill
+        events = []
+        for job in jobs:
+            kinds = []
+            while not kinds or kinds[-1] not in ("done", "error", "timeout"):
+                kinds.append((await job.next_event())[0])
+            events.append(kinds)
+        return posts, events
+
+    try:
+        with held(generator.model) as (gate, rows):
+            posts, events = asyncio.run(scenario(gate))
+    finally:
+        engine.close()
+    assert rows[0] == 4 and all(e[0] == "start" and e[-1] == "done" and set(e[1:-1]) <= {"delta"} for e in events)
+    n_events = sum(len(e) for e in events)
+    assert len(posts) <= len(rows) < n_events // 2  # at most one post per forward, for many events

@@ -14,7 +14,8 @@ went away is cancelled the same way, so nobody's tokens are generated for nothin
 
 The worker reports to the request's event loop through an asyncio.Queue:
 ("start", prompt_tokens), ("delta", text)... (streaming requests only), then
-("done", result) or ("error", APIError) or ("timeout", None).
+("done", result) or ("error", APIError) or ("timeout", None). A batched step posts the
+events of all its rows to the loop at once (one wake-up per step, not per token and row).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from phitune.errors import PhituneError
@@ -57,10 +59,11 @@ class Job:
         self._held = None  # an event that more_deltas() took off the queue: next_event() returns it first
 
     def emit(self, kind: str, payload=None) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            self.cancelled.set()
+        outbox = getattr(self.engine, "_outbox", None)
+        if outbox is not None:  # inside a batched step: sent with the step's other events
+            outbox.append((self, (kind, payload)))
+        else:
+            _post([(self, (kind, payload))])
 
     def more_deltas(self) -> list[str]:
         """The texts of the delta events already queued, without waiting: a stream that fell
@@ -110,6 +113,9 @@ class Engine:
         self._jobs: queue.Queue = queue.Queue()
         self.served = 0
         self.largest_batch = 0  # most sequences decoded in one forward so far
+        # Events of the batched step under way (worker thread only), posted together when it ends:
+        # one wake-up of the event loop per step, not one per token of every row.
+        self._outbox: list | None = None
         work = self._work if self.max_batch == 1 else self._work_batched
         self._thread = threading.Thread(target=work, name="phitune-generate", daemon=True)
         self._thread.start()
@@ -225,7 +231,8 @@ class Engine:
                 continue
             self.largest_batch = max(self.largest_batch, len(decoder))
             try:
-                gone = [seq for seq, delta in decoder.step() if not self._advance(jobs[id(seq)], seq, delta)]
+                with self._one_post():
+                    gone = [seq for seq, delta in decoder.step() if not self._advance(jobs[id(seq)], seq, delta)]
                 decoder.leave(gone)
                 for seq in gone:
                     del jobs[id(seq)]
@@ -235,6 +242,16 @@ class Engine:
                     self._end(job, "error", _internal_error())
                 jobs.clear()
                 decoder.clear()
+
+    @contextmanager
+    def _one_post(self):
+        """Collect the events emitted inside and post them together at the end (even on an error)."""
+        self._outbox = []
+        try:
+            yield
+        finally:
+            events, self._outbox = self._outbox, None
+            _post(events)
 
     def _admit(self, decoder, jobs: dict) -> bool:
         """Take queued jobs into the batch until it is full or the queue is empty (waiting for one when the
@@ -258,7 +275,8 @@ class Engine:
             if seq is not None:
                 taken.append((job, seq))
         if taken:
-            self._join(decoder, jobs, taken)
+            with self._one_post():
+                self._join(decoder, jobs, taken)
         if closing:
             for seq in decoder.rows:
                 self._release(jobs.pop(id(seq)))
@@ -329,6 +347,25 @@ class Engine:
     def _end(self, job: Job, kind: str, payload=None) -> None:
         job.emit(kind, payload)
         self._release(job)
+
+
+def _post(events: list) -> None:
+    """Hand (job, event) pairs to their jobs' event loops: one wake-up of each loop for all of them
+    (each call_soon_threadsafe writes to the loop's self-pipe and wakes it)."""
+    by_loop: dict = {}
+    for job, event in events:
+        by_loop.setdefault(job._loop, []).append((job, event))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, pairs)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            for job, _ in pairs:
+                job.cancelled.set()
+
+
+def _deliver(pairs: list) -> None:
+    for job, event in pairs:
+        job.events.put_nowait(event)
 
 
 def _internal_error() -> APIError:
