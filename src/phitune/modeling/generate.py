@@ -79,7 +79,7 @@ class ChatGenerator:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # Only the last position's logits are sampled: a prompt's forward skips the lm_head on
         # the others ([prompt tokens, vocab] floats: 1,000 tokens of Phi-3's 32,064 are 128 MB).
-        self.forward_kw = {self._cache_arg: None, "use_cache": True}
+        self.forward_kw = {"use_cache": True}
         if "logits_to_keep" in params:
             self.forward_kw["logits_to_keep"] = 1
         self.last_result: dict | None = None
@@ -194,7 +194,7 @@ class ChatGenerator:
             with torch.inference_mode():
                 step_input = torch.tensor([prompt], dtype=torch.long, device=self.device)
                 for step in range(budget):
-                    logits = self.model(input_ids=step_input, **{**self.forward_kw, self._cache_arg: cache}).logits
+                    logits = self.model(input_ids=step_input, **self.forward_kw, **{self._cache_arg: cache}).logits
                     token = self._sample(logits[0, -1], temperature, top_p, gen)
                     sampled += 1
                     if token in self.stop_ids:

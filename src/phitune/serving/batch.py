@@ -120,7 +120,7 @@ class BatchDecoder:
         if any(a is not None and a != active for a in adapters):
             kw["adapter_names"] = [a if a is not None else active for a in adapters]
         with self.lock:
-            return self.model(input_ids=ids, **{**self.g.forward_kw, self.g._cache_arg: cache}, **kw).logits
+            return self.model(input_ids=ids, **self.g.forward_kw, **{self.g._cache_arg: cache}, **kw).logits
 
     def join(self, seq: Sequence) -> str:
         """Run seq's prompt alone, sample its first token and add its row to the batch. The first token's text."""
